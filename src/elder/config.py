@@ -1,0 +1,127 @@
+"""Settings of the ELDER mechanism and its edit loop, with the paper's values as defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A setting is out of range or inconsistent with another."""
+
+
+@dataclass
+class ElderConfig:
+    """Every ELDER setting; the defaults are the paper's (Li et al., AAAI 2025)."""
+
+    # --- the mixture-of-LoRA layers ---
+    num_experts: int = field(default=4, metadata={"help": "N: LoRA experts per adapted layer"})
+    rank: int = field(default=8, metadata={"help": "r: rank of each LoRA expert"})
+    alpha: float = field(default=8.0, metadata={"help": "LoRA alpha; experts are scaled by alpha / rank"})
+    top_k: int = field(default=2, metadata={"help": "k: experts each router keeps per sequence"})
+    first_layer: int | None = field(
+        default=None, metadata={"help": "first adapted decoder layer; None: the upper-middle band of the model"}
+    )
+    num_layers: int = field(default=6, metadata={"help": "L: number of consecutive adapted layers"})
+    target_module: str | None = field(
+        default=None,
+        metadata={"help": "path of the adapted linear layer inside a decoder block; None: mlp.down_proj or mlp.c_fc"},
+    )
+    module_paths: tuple[str, ...] | None = field(
+        default=None, metadata={"help": "full module paths to adapt; overrides first_layer/num_layers/target_module"}
+    )
+    query_module: str | None = field(
+        default=None, metadata={"help": "module whose input gives the routing query; None: same kind, layer before"}
+    )
+    # --- guided loss and deferral ---
+    guide_weight: float = field(default=0.01, metadata={"help": "lambda: weight of the guided routing loss"})
+    epsilon: float = field(
+        default=12.0, metadata={"help": "use the memory when the min Hamming distance to a stored code is below this"}
+    )
+    refresh_codes: bool = field(
+        default=False,
+        metadata={"help": "re-derive every stored code after each batch, so old edits' codes follow the routers"},
+    )
+    anchor_routes: bool = field(
+        default=False,
+        metadata={"help": "keep applying the guided loss to earlier edits' stored queries (router-only replay)"},
+    )
+    # --- the edit loop ---
+    lr: float = field(default=1e-4, metadata={"help": "Adam learning rate"})
+    router_lr: float | None = field(default=None, metadata={"help": "learning rate of the routers; None: lr"})
+    batch_size: int = field(default=4, metadata={"help": "edits trained together"})
+    iterations: int = field(default=50, metadata={"help": "optimisation steps per batch (at most, with early_stop)"})
+    early_stop: bool = field(
+        default=False, metadata={"help": "stop a batch as soon as every target token is predicted"}
+    )
+    paraphrase_split: float = field(
+        default=0.0,
+        metadata={"help": "fraction of each edit's rephrases also trained on (paper's variant); the rest are held out"},
+    )
+    max_target_tokens: int = field(default=32, metadata={"help": "longest target, in tokens"})
+    seed: int = field(default=0, metadata={"help": "seed of the adapter init and the preset allocations"})
+
+    def __post_init__(self) -> None:
+        if self.module_paths is not None:
+            self.module_paths = tuple(self.module_paths)
+        positive = ("num_experts", "rank", "top_k", "num_layers", "batch_size", "iterations", "max_target_tokens")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
+        if self.alpha <= 0 or self.lr <= 0:
+            raise ConfigError("alpha and lr must be positive")
+        if self.guide_weight < 0:
+            raise ConfigError(f"guide_weight must be >= 0, got {self.guide_weight}")
+        if self.epsilon < 0:
+            raise ConfigError(f"epsilon must be >= 0, got {self.epsilon}")
+        if not 0.0 <= self.paraphrase_split <= 1.0:
+            raise ConfigError(f"paraphrase_split must be in [0, 1], got {self.paraphrase_split}")
+        if self.first_layer is not None and self.first_layer < 1:
+            raise ConfigError("first_layer must be >= 1: the query is read from the layer before it")
+        if self.module_paths is not None and len(self.module_paths) == 0:
+            raise ConfigError("module_paths is empty")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ElderConfig":
+        """The named preset ('paper' or 'fast') with overrides applied."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def replace(self, **changes) -> "ElderConfig":
+        """A copy with the given fields changed, validated."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        data = dataclasses.asdict(self)
+        if data["module_paths"] is not None:
+            data["module_paths"] = list(data["module_paths"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ElderConfig":
+        """Inverse of to_dict; unknown keys are an error."""
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+# The paper's loop is the dataclass default; `fast` stops each batch once its targets are learned, trains
+# harder per step, and keeps old edits routable (see the README for the measurements behind it).
+PRESETS: dict[str, dict] = {
+    "paper": {},
+    "fast": {
+        "lr": 1e-3,
+        "early_stop": True,
+        "guide_weight": 1.0,
+        "epsilon": 4.0,
+        "refresh_codes": True,
+    },
+}

@@ -1,0 +1,192 @@
+"""Edit records and their JSONL file format."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_RECORD_KEYS = frozenset({"id", "prompt", "target", "rephrases", "locality"})
+_PROBE_KEYS = frozenset({"prompt", "answer"})
+
+
+class DataError(ValueError):
+    """A bad edit record or edits file."""
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+@dataclass(frozen=True)
+class LocalityProbe:
+    """A prompt whose answer an edit should leave unchanged."""
+
+    prompt: str
+    answer: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise DataError(f"locality probe: prompt must be a non-empty string, got {self.prompt!r}")
+        if self.answer is not None and (not isinstance(self.answer, str) or not self.answer.strip()):
+            raise DataError(
+                f"locality probe {self.prompt!r}: answer must be a non-empty string or None, "
+                f"got {self.answer!r}"
+            )
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    """One fact to edit: `prompt` should be completed with `target`."""
+
+    id: str
+    prompt: str
+    target: str
+    rephrases: tuple[str, ...] = ()
+    locality: tuple[LocalityProbe, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id.strip():
+            raise DataError(f"edit id must be a non-empty string, got {self.id!r}")
+        for name in ("prompt", "target"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise DataError(f"edit {self.id!r}: {name} must be a string, got {_type_name(value)}")
+            if not value.strip():
+                raise DataError(f"edit {self.id!r}: empty {name}")
+        # Accept lists for convenience but store tuples so records stay hashable.
+        for name in ("rephrases", "locality"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise DataError(f"edit {self.id!r}: {name} must be a tuple, got {_type_name(value)}")
+            object.__setattr__(self, name, tuple(value))
+        for i, text in enumerate(self.rephrases, 1):
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"edit {self.id!r}: rephrase {i} must be a non-empty string, got {text!r}")
+        for i, probe in enumerate(self.locality, 1):
+            if not isinstance(probe, LocalityProbe):
+                raise DataError(
+                    f"edit {self.id!r}: locality {i} must be a LocalityProbe, got {_type_name(probe)}"
+                )
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str, default_id: str | None = None) -> EditRecord:
+        """Build a record from its JSON form; errors start with `where`."""
+        if not isinstance(d, dict):
+            raise DataError(f"{where}: expected a JSON object, got {_type_name(d)}")
+        unknown = sorted(set(d) - _RECORD_KEYS)
+        if unknown:
+            raise DataError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}")
+        for key in ("prompt", "target"):
+            if key not in d:
+                raise DataError(f"{where}: missing {key!r}")
+            if not isinstance(d[key], str):
+                raise DataError(f"{where}: {key!r} must be a string, got {_type_name(d[key])}")
+        record_id = d.get("id", default_id)
+        if record_id is None:
+            raise DataError(f"{where}: missing 'id'")
+        if not isinstance(record_id, str):
+            raise DataError(f"{where}: 'id' must be a string, got {_type_name(record_id)}")
+        rephrases = d.get("rephrases", [])
+        if not isinstance(rephrases, list) or not all(isinstance(r, str) for r in rephrases):
+            raise DataError(f"{where}: 'rephrases' must be a list of strings")
+        locality = d.get("locality", [])
+        if not isinstance(locality, list):
+            raise DataError(f"{where}: 'locality' must be a list, got {_type_name(locality)}")
+        probes = tuple(_probe_from_json(item, f"{where}: locality {i}") for i, item in enumerate(locality, 1))
+        try:
+            return cls(record_id, d["prompt"], d["target"], tuple(rephrases), probes)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form read by `from_dict`."""
+        return {
+            "id": self.id,
+            "prompt": self.prompt,
+            "target": self.target,
+            "rephrases": list(self.rephrases),
+            "locality": [{"prompt": p.prompt, "answer": p.answer} for p in self.locality],
+        }
+
+
+def _probe_from_json(item: Any, where: str) -> LocalityProbe:
+    # A bare string is shorthand for a probe without a known answer.
+    if isinstance(item, str):
+        return LocalityProbe(item)
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: expected a string or an object, got {_type_name(item)}")
+    unknown = sorted(set(item) - _PROBE_KEYS)
+    if unknown:
+        raise DataError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}")
+    if "prompt" not in item:
+        raise DataError(f"{where}: missing 'prompt'")
+    try:
+        return LocalityProbe(item["prompt"], item.get("answer"))
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
+def read_edits(path: str | os.PathLike[str]) -> list[EditRecord]:
+    """Read edit records from a JSONL file, one object per line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            # Not splitlines(): JSON strings may hold raw U+2028 and friends.
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such edits file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read edits file: {e}") from None
+
+    records: list[EditRecord] = []
+    first_line: dict[str, int] = {}
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+        record = EditRecord.from_dict(obj, where, default_id=str(lineno))
+        if record.id in first_line:
+            first = first_line[record.id]
+            raise DataError(f"{where}: duplicate id {record.id!r} (first used on line {first})")
+        first_line[record.id] = lineno
+        records.append(record)
+    if not records:
+        raise DataError(f"{path}: no edit records")
+    return records
+
+
+def write_edits(path: str | os.PathLike[str], records: Iterable[EditRecord]) -> None:
+    """Write edit records as JSONL, replacing `path` atomically."""
+    records = list(records)
+    # Refuse to write a file that read_edits would reject.
+    if not records:
+        raise DataError(f"{path}: no edit records to write")
+    seen: set[str] = set()
+    for r in records:
+        if not isinstance(r, EditRecord):
+            raise DataError(f"{path}: expected EditRecord, got {_type_name(r)}")
+        if r.id in seen:
+            raise DataError(f"{path}: duplicate id {r.id!r}")
+        seen.add(r.id)
+
+    target = Path(path)
+    # The temp file lives beside the target so os.replace stays on one filesystem.
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+        # mkstemp creates files readable only by the owner; edits files are ordinary data.
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,142 @@
+"""The edit loop: sequential batches of edits trained into an ElderModel's shared experts and routers."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from elder.data import EditRecord
+from elder.mechanism import ElderModel
+from elder.mechanism.inputs import TeacherForced, teacher_forced
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the batch was rolled back."""
+
+
+@dataclass
+class EditResult:
+    """What training one edit cost and whether its target was learned."""
+
+    id: str
+    seconds: float  # wall time of its batch divided by the edits in it
+    iterations: int  # optimisation steps its batch took
+    learned: bool  # every target token of its batch was predicted after training
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+@dataclass
+class _Prepared:
+    records: list[EditRecord]
+    fact_ids: list[str]  # one per training row: paraphrases share their edit's id and preset
+    batch: TeacherForced
+
+
+def training_rows(record: EditRecord, paraphrase_split: float) -> list[str]:
+    """Prompts trained for one edit: its prompt, plus the first part of its rephrases in the paper's variant."""
+    return [record.prompt, *record.rephrases[: math.floor(paraphrase_split * len(record.rephrases))]]
+
+
+def apply_edits(model: ElderModel, records: Sequence[EditRecord], progress: bool = True,
+                on_batch: Callable[[list[EditResult]], None] | None = None) -> list[EditResult]:
+    """Apply edits in order, batch after batch; every record is checked before anything is trained."""
+    cfg = model.config
+    seen = set(model.edit_log)
+    for record in records:
+        if record.id in seen:
+            raise ValueError(f"edit id {record.id!r} is already in the memory (or repeated); forget it first")
+        seen.add(record.id)
+    prepared = [_prepare(model, list(records[i:i + cfg.batch_size])) for i in range(0, len(records), cfg.batch_size)]
+    results: list[EditResult] = []
+    bar = tqdm(total=len(records), desc="editing", unit="edit", disable=not progress)
+    try:
+        for item in prepared:
+            batch_results = _train_batch(model, item)
+            results += batch_results
+            bar.update(len(batch_results))
+            if on_batch is not None:
+                on_batch(batch_results)
+    finally:
+        bar.close()
+    return results
+
+
+def _prepare(model: ElderModel, records: list[EditRecord]) -> _Prepared:
+    fact_ids, prompts, targets = [], [], []
+    for record in records:
+        for prompt in training_rows(record, model.config.paraphrase_split):
+            fact_ids.append(record.id)
+            prompts.append(prompt)
+            targets.append(record.target)
+    batch = teacher_forced(model.tokenizer, prompts, targets, model.context_limit, model.config.max_target_tokens,
+                           model.input_device)
+    return _Prepared(records, fact_ids, batch)
+
+
+def _train_batch(model: ElderModel, item: _Prepared) -> list[EditResult]:
+    cfg, batch = model.config, item.batch
+    start = time.perf_counter()
+    presets = torch.stack([model.preset_for(fid) for fid in item.fact_ids]).to(model.query_device)
+    snapshot = {k: v.detach().clone() for k, v in model.adapters.state_dict().items()}
+    routers = [p for a in model.adapters for p in a.router.parameters()]
+    experts = [p for a in model.adapters for p in (a.lora_A, a.lora_B)]
+    optimizer = torch.optim.Adam([{"params": experts}, {"params": routers, "lr": cfg.router_lr or cfg.lr}], lr=cfg.lr)
+    anchors = _anchors(model)
+    steps = 0
+    while True:
+        logits, route = model.target_logits(batch, defer=False)
+        targets = batch.target_ids.to(logits.device)
+        learned = bool((logits.argmax(-1) == targets).all())
+        routed = bool((route.scores.topk(cfg.top_k, dim=-1).indices.sort(-1).values == presets).all())
+        if steps == cfg.iterations or (cfg.early_stop and learned and (routed or not cfg.anchor_routes)):
+            break
+        lm_loss = F.cross_entropy(logits.float(), targets)
+        # guided loss: -log of the router scores at the fact's preset (layer, expert) pairs
+        guide = -route.scores.gather(-1, presets).clamp_min(1e-12).log().sum(dim=(1, 2)).mean()
+        if anchors is not None:
+            # keep earlier edits' routes on their presets while the routers learn new ones
+            scores = torch.stack([a.scores(anchors[0]) for a in model.adapters], dim=1)
+            guide = guide - scores.gather(-1, anchors[1]).clamp_min(1e-12).log().sum(dim=(1, 2)).mean()
+        loss = lm_loss + cfg.guide_weight * guide.to(lm_loss.device)
+        if not torch.isfinite(loss):
+            model.adapters.load_state_dict(snapshot)
+            raise NonFiniteLossError(f"non-finite loss at step {steps} of the batch starting with edit "
+                                     f"{item.records[0].id!r}; the batch was rolled back")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        steps += 1
+    keep_queries = route.query if cfg.refresh_codes or cfg.anchor_routes else None
+    model.bank.add(item.fact_ids, route.codes, keep_queries)
+    if cfg.refresh_codes:
+        model.refresh_codes()
+    seconds = (time.perf_counter() - start) / len(item.records)
+    results = [EditResult(r.id, seconds, steps, learned) for r in item.records]
+    for record, result in zip(item.records, results):
+        model.edit_log[record.id] = {"record": record.to_dict(), **result.to_dict()}
+    return results
+
+
+def _anchors(model: ElderModel) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if not model.config.anchor_routes or model.bank.queries is None or len(model.bank) == 0:
+        return None
+    queries = model.bank.queries.to(model.query_device, torch.float32)
+    presets = torch.stack([model.presets[i] for i in model.bank.ids]).to(model.query_device)
+    return queries, presets
+
+
+def forget(model: ElderModel, edit_id: str) -> None:
+    """Remove an edit's codes so its prompt defers to the base model again."""
+    if edit_id not in model.edit_log:
+        raise KeyError(f"no edit with id {edit_id!r} in the memory")
+    model.bank.remove(edit_id)
+    del model.edit_log[edit_id]

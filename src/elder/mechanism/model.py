@@ -1,0 +1,236 @@
+"""ElderModel: a frozen causal LM with ELDER's mixture-of-LoRA layers, sequence-level router and code bank."""
+
+from __future__ import annotations
+
+import math
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from elder.config import ConfigError, ElderConfig
+from elder.mechanism.codebank import CodeBank
+from elder.mechanism.inputs import TeacherForced, context_limit, pad_id, prompt_batch
+from elder.mechanism.layer import MixtureOfLoRA
+from elder.mechanism.targets import get_module, linear_shape, resolve_targets
+
+
+@dataclass
+class Route:
+    """The routing decision for a batch, taken once per sequence from its query vector."""
+
+    query: torch.Tensor  # (batch, d) the query vectors, fp32
+    scores: torch.Tensor  # (batch, L, N) softmax scores of every router
+    weights: torch.Tensor  # (batch, L, N) raw scores of the top-k experts, zero elsewhere and on deferred rows
+    codes: torch.Tensor  # (batch, L*N) bool allocation codes
+    used: torch.Tensor  # (batch,) bool: the edit memory is used (False: deferred to the base model)
+    distance: torch.Tensor  # (batch,) min Hamming distance to the code bank (0 while training)
+
+
+@dataclass
+class Answer:
+    """A greedy answer and whether the edit memory produced it."""
+
+    prompt: str
+    text: str
+    used_memory: bool
+    distance: float  # min Hamming distance of the prompt's code to the code bank
+
+
+@dataclass
+class _Session:
+    positions: torch.Tensor | None  # query token per row; None: the last position
+    defer: bool
+    route: Route | None = None
+
+
+class ElderModel:
+    """A frozen base model plus ELDER's edit memory; the base model's own weights are never changed."""
+
+    def __init__(self, base: nn.Module, tokenizer, config: ElderConfig, base_name: str | None = None) -> None:
+        if getattr(base, "_elder_attached", False):
+            raise ValueError("this base model already carries an ELDER memory; call detach() on it first")
+        self.base, self.tokenizer, self.config = base, tokenizer, config
+        self.base_name = base_name or getattr(base.config, "_name_or_path", "") or type(base).__name__
+        self.targets = resolve_targets(base, config)
+        query_features = linear_shape(get_module(base, self.targets.query_path), self.targets.query_path)[0]
+        self.query_device = _device_of(get_module(base, self.targets.query_path))
+        generator = torch.Generator().manual_seed(config.seed)
+        adapters = []
+        for path in self.targets.module_paths:
+            module = get_module(base, path)
+            in_features, out_features = linear_shape(module, path)
+            layer = MixtureOfLoRA(in_features, out_features, query_features, config.num_experts, config.rank,
+                                  config.alpha, generator)
+            adapters.append(layer.to(_device_of(module)))
+        self.adapters = nn.ModuleList(adapters)
+        self.bank = CodeBank(len(adapters) * config.num_experts)
+        self.presets: dict[str, torch.Tensor] = {}  # fact id -> (L, k) preset experts of the guided loss
+        self._taken_presets: set[tuple[int, ...]] = set()
+        self.edit_log: dict[str, dict] = {}  # edit id -> its record and training cost, in edit order
+        self._session: _Session | None = None
+        base.requires_grad_(False)
+        self._handles = [get_module(base, self.targets.query_path).register_forward_pre_hook(self._read_query)]
+        for index, path in enumerate(self.targets.module_paths):
+            self._handles.append(get_module(base, path).register_forward_hook(self._adapter_hook(index)))
+        base._elder_attached = True
+
+    # --- routing ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def routing(self, positions: torch.Tensor | None = None, defer: bool = True) -> Iterator[_Session]:
+        """Within this block, base-model forwards route each sequence once, from its query token."""
+        if self._session is not None:
+            raise RuntimeError("a routing session is already open on this model")
+        self._session = _Session(positions, defer)
+        try:
+            yield self._session
+        finally:
+            self._session = None
+
+    def route(self, query: torch.Tensor, defer: bool) -> Route:
+        """Route query vectors (batch, d): every router's scores, its top-k, the codes and the deferral."""
+        query = query.to(self.query_device, torch.float32)
+        scores = torch.stack([a.scores(query.to(a.router.weight.device)).to(self.query_device)
+                              for a in self.adapters], dim=1)
+        chosen = torch.zeros_like(scores, dtype=torch.bool)
+        chosen.scatter_(-1, scores.topk(self.config.top_k, dim=-1).indices, True)
+        codes = chosen.flatten(1)
+        if defer:
+            distance = self.bank.min_distance(codes)
+            used = distance < self.config.epsilon
+        else:
+            distance = torch.zeros(len(query), device=query.device)
+            used = torch.ones(len(query), dtype=torch.bool, device=query.device)
+        weights = scores * (chosen & used[:, None, None])
+        return Route(query, scores, weights, codes, used, distance)
+
+    def _read_query(self, module: nn.Module, args: tuple) -> None:
+        session = self._session
+        if session is None or session.route is not None:
+            return  # outside a session, or a later decoding step that keeps the prompt's route
+        hidden = args[0]
+        if session.positions is None:
+            query = hidden[:, -1]
+        else:
+            query = hidden[torch.arange(len(hidden), device=hidden.device), session.positions.to(hidden.device)]
+        session.route = self.route(query, session.defer)
+
+    def _adapter_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            session = self._session
+            if session is None:
+                return None
+            route = session.route
+            if route is None:
+                raise RuntimeError(f"adapted layer {self.targets.module_paths[index]} ran before the query module")
+            x = args[0]
+            if len(x) != len(route.used):
+                raise RuntimeError("the batch changed size after routing (beam search is not supported)")
+            rows = route.used.nonzero().squeeze(-1).to(x.device)
+            if len(rows) == 0:
+                return None  # every row deferred: the base output, untouched
+            delta = self.adapters[index].delta(x[rows], route.weights[:, index].to(x.device)[rows])
+            # rows that defer are not touched at all, so they equal the base model bit for bit
+            return output.index_copy(0, rows, (output[rows].float() + delta).to(output.dtype))
+        return hook
+
+    # --- forward passes ----------------------------------------------------------------------------
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where input ids go (the embedding's device, also under a device_map)."""
+        return self.base.get_input_embeddings().weight.device
+
+    @property
+    def context_limit(self) -> int | None:
+        """The longest input the base model takes."""
+        return context_limit(self.base)
+
+    def target_logits(self, batch: TeacherForced, defer: bool) -> tuple[torch.Tensor, Route]:
+        """Logits at the target positions only (the vocabulary projection of every position is wasted work)."""
+        with self.routing(batch.query_positions, defer) as session:
+            hidden = self.base.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                          use_cache=False).last_hidden_state
+        head = self.base.get_output_embeddings()
+        picked = hidden[batch.rows.to(hidden.device), batch.cols.to(hidden.device)]
+        return head(picked.to(head.weight.device)), session.route
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], max_new_tokens: int = 16, use_memory: bool = True) -> list[Answer]:
+        """Greedy answers with the KV cache; each prompt is routed once and keeps that route for every token."""
+        input_ids, attention_mask = prompt_batch(self.tokenizer, prompts, self.context_limit, self.input_device)
+        limit = self.context_limit
+        if limit is not None:
+            max_new_tokens = max(1, min(max_new_tokens, limit - input_ids.shape[1]))
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                      do_sample=False, num_beams=1, pad_token_id=pad_id(self.tokenizer))
+        if use_memory:
+            with self.routing(None, defer=True) as session:
+                out = self.base.generate(**kwargs)
+            used, distance = session.route.used.tolist(), session.route.distance.tolist()
+        else:
+            out = self.base.generate(**kwargs)
+            used, distance = [False] * len(prompts), [float("inf")] * len(prompts)
+        texts = self.tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+        return [Answer(p, t, u, d) for p, t, u, d in zip(prompts, texts, used, distance)]
+
+    @torch.no_grad()
+    def refresh_codes(self, chunk: int = 4096) -> None:
+        """Re-derive every stored code from its stored query with the current routers (undoes routing drift)."""
+        if self.bank.queries is None or len(self.bank) == 0:
+            return
+        codes = [self.route(self.bank.queries[i:i + chunk], defer=False).codes.cpu()
+                 for i in range(0, len(self.bank), chunk)]
+        self.bank.replace_codes(torch.cat(codes))
+
+    # --- presets of the guided loss ----------------------------------------------------------------
+
+    def preset_for(self, fact_id: str) -> torch.Tensor:
+        """The fact's preset allocation (L, k), drawn once, unique across facts and reproducible from the seed."""
+        if fact_id not in self.presets:
+            taken = self._taken_presets
+            space = math.comb(self.config.num_experts, self.config.top_k) ** len(self.adapters)
+            if len(taken) >= space:
+                raise ConfigError(f"all {space} distinct allocations are taken; raise num_experts or num_layers")
+            for attempt in range(10_000):
+                rng = random.Random(f"{self.config.seed}:{fact_id}:{attempt}")
+                preset = [sorted(rng.sample(range(self.config.num_experts), self.config.top_k))
+                          for _ in self.adapters]
+                if tuple(x for row in preset for x in row) not in taken:
+                    break
+            else:
+                raise ConfigError("could not draw a unique preset allocation; raise num_experts or num_layers")
+            self.set_preset(fact_id, torch.tensor(preset, dtype=torch.long))
+        return self.presets[fact_id]
+
+    def set_preset(self, fact_id: str, preset: torch.Tensor) -> None:
+        """Record a fact's preset allocation (L, k)."""
+        if preset.shape != (len(self.adapters), self.config.top_k):
+            raise ValueError(f"preset of {fact_id!r} has shape {tuple(preset.shape)}")
+        self.presets[fact_id] = preset
+        self._taken_presets.add(tuple(preset.flatten().tolist()))
+
+    # --- lifetime ----------------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The experts and routers: all ELDER trains."""
+        return list(self.adapters.parameters())
+
+    def detach(self) -> nn.Module:
+        """Remove ELDER's hooks and give back the untouched base model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.base._elder_attached = False
+        return self.base
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+

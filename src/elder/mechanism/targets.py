@@ -1,0 +1,117 @@
+"""Which modules ELDER adapts and where it reads its query, resolved from the model's config and module tree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from elder.config import ConfigError, ElderConfig
+
+# Tried in order inside a decoder block when no target_module is given: the paper's choices for
+# LLaMA-shaped (down_proj) and GPT-2-shaped (c_fc) blocks.
+DEFAULT_TARGETS = ("mlp.down_proj", "mlp.c_fc")
+# The paper's LLaMA2-7B band starts at layer 21 of 32: the upper middle of the network.
+BAND_START_FRACTION = 21 / 32
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Resolved module paths: the adapted linear layers (in forward order) and the query module."""
+
+    module_paths: tuple[str, ...]
+    query_path: str
+
+
+def num_hidden_layers(model: nn.Module) -> int:
+    """Depth of the decoder, read from the model's config."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ConfigError(f"cannot tell the number of layers of {type(model).__name__} from its config")
+
+
+def decoder_layers_path(model: nn.Module) -> str:
+    """Path of the ModuleList holding the decoder blocks (the one as long as the config's layer count)."""
+    depth = num_hidden_layers(model)
+    found = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module) == depth]
+    if not found:
+        raise ConfigError(f"no list of {depth} decoder layers found in {type(model).__name__}; give module_paths")
+    return min(found, key=len)
+
+
+def linear_shape(module: nn.Module, path: str) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a GPT-2 Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    raise ConfigError(f"module {path!r} is a {type(module).__name__}, not a linear layer ELDER can adapt")
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    """model.get_submodule with an error that names the missing path."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise ConfigError(f"the model has no module {path!r}") from None
+
+
+def resolve_targets(model: nn.Module, config: ElderConfig) -> Targets:
+    """Resolve the adapted module paths and the query module for this model and config."""
+    layers = decoder_layers_path(model)
+    depth = num_hidden_layers(model)
+    if config.module_paths is not None:
+        paths = tuple(config.module_paths)
+        for path in paths:
+            linear_shape(get_module(model, path), path)
+        query = config.query_module or _previous_layer_path(paths[0], layers)
+    else:
+        suffix = config.target_module or _default_target(model, layers)
+        first, count = _band(depth, config)
+        paths = tuple(f"{layers}.{i}.{suffix}" for i in range(first, first + count))
+        for path in paths:
+            linear_shape(get_module(model, path), path)
+        query = config.query_module or f"{layers}.{first - 1}.{suffix}"
+    linear_shape(get_module(model, query), query)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    if len(set(paths)) != len(paths):
+        raise ConfigError("module_paths lists a module twice")
+    if query in paths or order[query] > min(order[p] for p in paths):
+        raise ConfigError(f"query module {query!r} must come before every adapted module")
+    return Targets(tuple(sorted(paths, key=order.__getitem__)), query)
+
+
+def _band(depth: int, config: ElderConfig) -> tuple[int, int]:
+    if config.first_layer is not None:
+        first, count = config.first_layer, config.num_layers
+        if first + count > depth:
+            raise ConfigError(f"layers {first}..{first + count - 1} lie outside a model of {depth} layers")
+        return first, count
+    if depth < 2:
+        raise ConfigError("ELDER needs at least 2 layers: one to read the query from and one to adapt")
+    count = min(config.num_layers, depth - 1)
+    first = min(max(1, round(depth * BAND_START_FRACTION)), depth - count)
+    return first, count
+
+
+def _default_target(model: nn.Module, layers: str) -> str:
+    block = model.get_submodule(f"{layers}.0")
+    for suffix in DEFAULT_TARGETS:
+        try:
+            block.get_submodule(suffix)
+            return suffix
+        except AttributeError:
+            continue
+    raise ConfigError(f"no {' or '.join(DEFAULT_TARGETS)} in {type(block).__name__}; set target_module")
+
+
+def _previous_layer_path(path: str, layers: str) -> str:
+    head, _, rest = path.partition(f"{layers}.")
+    index, _, suffix = rest.partition(".")
+    if head or not index.isdigit() or int(index) == 0:
+        raise ConfigError(f"cannot derive a query module for {path!r}; set query_module")
+    return f"{layers}.{int(index) - 1}.{suffix}"
