@@ -1,0 +1,174 @@
+"""Saving and loading the whole edit memory as safetensors plus JSON, atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from elder.config import ConfigError, ElderConfig
+from elder.mechanism import ElderModel
+from elder.mechanism.targets import get_module, num_hidden_layers
+
+FORMAT = "elder-memory"
+FORMAT_VERSION = 1
+MANIFEST = "memory.json"
+_FINGERPRINT_VALUES = 256  # leading weights of each adapted module: enough to tell checkpoints apart
+
+
+class MemoryFormatError(ValueError):
+    """A saved memory is missing, corrupt, of another format version, or made for another base model."""
+
+
+def save_memory(model: ElderModel, directory: str | os.PathLike) -> Path:
+    """Write the memory to a folder; a crash at any point leaves the previous save intact."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"adapters.{k}": v.detach().float().cpu().contiguous() for k, v in model.adapters.state_dict().items()}
+    tensors["bank.codes"] = model.bank.codes.to(torch.uint8).contiguous()
+    if model.bank.queries is not None:
+        tensors["bank.queries"] = model.bank.queries.contiguous()
+    preset_ids = list(model.presets)
+    if preset_ids:
+        tensors["presets"] = torch.stack([model.presets[i] for i in preset_ids]).contiguous()
+    tensors.update({f"fingerprint.{i}": v for i, v in enumerate(_fingerprints(model))})
+    handle, tmp = tempfile.mkstemp(prefix=".adapters-", suffix=".tmp", dir=directory)
+    os.close(handle)
+    try:
+        save_file(tensors, tmp)
+        digest = _sha256(Path(tmp))
+        tensor_file = f"adapters-{digest[:16]}.safetensors"
+        os.replace(tmp, directory / tensor_file)  # content-addressed: never overwrites what the manifest names
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "training": {"paraphrase_split": model.config.paraphrase_split,
+                     "variant": "edit+paraphrases" if model.config.paraphrase_split > 0 else "edit-prompt-only"},
+        "base": _base_identity(model),
+        "tensors": {"file": tensor_file, "sha256": digest},
+        "bank_ids": model.bank.ids,
+        "preset_ids": preset_ids,
+        "edits": model.edit_log,
+    }
+    _write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False))
+    for stale in directory.glob("adapters-*.safetensors"):
+        if stale.name != tensor_file:
+            stale.unlink(missing_ok=True)
+    return directory
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """The saved memory's JSON manifest, checked for format and version."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise MemoryFormatError(f"no saved ELDER memory in {directory} ({MANIFEST} is missing)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MemoryFormatError(f"{path} is corrupt: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise MemoryFormatError(f"{path} is not an ELDER memory")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise MemoryFormatError(f"{path} has format version {manifest.get('format_version')}; "
+                                f"this elder reads version {FORMAT_VERSION}")
+    return manifest
+
+
+def load_memory(directory: str | os.PathLike, base, tokenizer, base_name: str | None = None) -> ElderModel:
+    """Attach a saved memory to a fresh base model; refuses a different base or a damaged file."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    try:
+        config = ElderConfig.from_dict(manifest["config"])
+        tensor_path = directory / manifest["tensors"]["file"]
+        expected = manifest["tensors"]["sha256"]
+        bank_ids, preset_ids, edits = manifest["bank_ids"], manifest["preset_ids"], manifest["edits"]
+        saved_base = manifest["base"]
+    except (KeyError, TypeError, ConfigError) as error:
+        raise MemoryFormatError(f"{directory / MANIFEST} is incomplete or invalid: {error}") from None
+    if not tensor_path.is_file():
+        raise MemoryFormatError(f"{tensor_path} is missing")
+    if _sha256(tensor_path) != expected:
+        raise MemoryFormatError(f"{tensor_path} is corrupt or truncated (checksum mismatch)")
+    try:
+        tensors = load_file(tensor_path)
+    except (SafetensorError, OSError) as error:
+        raise MemoryFormatError(f"{tensor_path} cannot be read: {error}") from None
+    model = ElderModel(base, tokenizer, config, base_name)
+    try:
+        _check_base(model, saved_base, tensors)
+        state = {k.removeprefix("adapters."): v for k, v in tensors.items() if k.startswith("adapters.")}
+        model.adapters.load_state_dict(state, strict=True)
+        if bank_ids:
+            model.bank.add(bank_ids, tensors["bank.codes"].bool(), tensors.get("bank.queries"))
+        for i, fact_id in enumerate(preset_ids):
+            model.set_preset(fact_id, tensors["presets"][i])
+        model.edit_log = dict(edits)
+    except BaseException:
+        model.detach()  # leave the base model as it was handed in
+        raise
+    return model
+
+
+def _base_identity(model: ElderModel) -> dict:
+    cfg = model.base.config
+    return {
+        "name": model.base_name,
+        "model_type": getattr(cfg, "model_type", None),
+        "num_hidden_layers": num_hidden_layers(model.base),
+        "vocab_size": getattr(cfg, "vocab_size", None),
+        "module_paths": list(model.targets.module_paths),
+        "query_path": model.targets.query_path,
+        "shapes": {p: list(get_module(model.base, p).weight.shape)
+                   for p in (model.targets.query_path, *model.targets.module_paths)},
+    }
+
+
+def _check_base(model: ElderModel, saved: dict, tensors: dict) -> None:
+    current = _base_identity(model)
+    for key in ("model_type", "num_hidden_layers", "vocab_size", "module_paths", "query_path", "shapes"):
+        if current[key] != saved.get(key):
+            raise MemoryFormatError(f"this memory was made for base model {saved.get('name')!r}, which differs "
+                                    f"from {model.base_name!r} in {key}: {saved.get(key)} vs {current[key]}")
+    for i, values in enumerate(_fingerprints(model)):
+        stored = tensors.get(f"fingerprint.{i}")
+        # loose enough for the same weights in bf16/fp16, far too tight for another checkpoint
+        if stored is None or stored.shape != values.shape or not torch.allclose(stored, values, rtol=2e-2, atol=2e-3):
+            raise MemoryFormatError(f"this memory was made for base model {saved.get('name')!r}; the weights of "
+                                    f"{model.base_name!r} differ from it")
+
+
+def _fingerprints(model: ElderModel) -> list[torch.Tensor]:
+    paths = (model.targets.query_path, *model.targets.module_paths)
+    return [get_module(model.base, p).weight.detach().flatten()[:_FINGERPRINT_VALUES].float().cpu() for p in paths]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
