@@ -88,7 +88,7 @@ class ElderConfig:
         """The named preset ('paper' or 'fast') with overrides applied."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls.from_dict({**PRESETS[name], **overrides})
 
     def replace(self, **changes) -> "ElderConfig":
         """A copy with the given fields changed, validated."""

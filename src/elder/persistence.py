@@ -104,7 +104,11 @@ def load_memory(directory: str | os.PathLike, base, tokenizer, base_name: str | 
         tensors = load_file(tensor_path)
     except (SafetensorError, OSError) as error:
         raise MemoryFormatError(f"{tensor_path} cannot be read: {error}") from None
-    model = ElderModel(base, tokenizer, config, base_name)
+    try:
+        model = ElderModel(base, tokenizer, config, base_name)
+    except ConfigError as error:
+        raise MemoryFormatError(f"this memory was made for base model {saved_base.get('name')!r} and does not "
+                                f"fit this one: {error}") from None
     try:
         _check_base(model, saved_base, tensors)
         state = {k.removeprefix("adapters."): v for k, v in tensors.items() if k.startswith("adapters.")}

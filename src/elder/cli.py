@@ -1,0 +1,140 @@
+"""The `elder` command line: edit, ask, demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded model and local folders need no network
+
+from elder.config import ConfigError, ElderConfig  # noqa: E402
+from elder.data import DataError, read_edits  # noqa: E402
+from elder.editing import NonFiniteLossError, apply_edits  # noqa: E402
+from elder.mechanism import ElderModel, InputError  # noqa: E402
+from elder.models import DEFAULT_MODEL, ModelLoadError, load_base  # noqa: E402
+from elder.persistence import MemoryFormatError, load_memory, read_manifest, save_memory  # noqa: E402
+
+app = typer.Typer(help="Lifelong knowledge editing of causal LMs with ELDER.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+_USER_ERRORS = (ConfigError, DataError, InputError, MemoryFormatError, ModelLoadError, NonFiniteLossError,
+                ValueError)
+
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="hub id or local folder; default: the "
+                                                 f"embedded {DEFAULT_MODEL}")]
+DtypeOpt = Annotated[Optional[str], typer.Option(help="dtype of the frozen base: float32, bfloat16, float16")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="device of the base model, e.g. cpu or cuda")]
+
+
+def _fail(error: Exception) -> None:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(2)
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set takes KEY=VALUE, got {pair!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+@app.command()
+def edit(
+    edits: Annotated[Path, typer.Argument(help="JSONL file, one edit per line")],
+    out: Annotated[Path, typer.Option(help="folder to write the edit memory to")],
+    model: ModelOpt = None,
+    preset: Annotated[str, typer.Option(help="settings preset: paper or fast")] = "fast",
+    set_: Annotated[list[str], typer.Option("--set", help="override a setting, e.g. --set epsilon=6")] = [],
+    resume: Annotated[bool, typer.Option(help="continue the memory in --out, skipping edits it already holds")] = False,
+    save_every: Annotated[int, typer.Option(help="save after this many edits (and at the end)")] = 100,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Apply the edits in EDITS to the model and write the edit memory to --out."""
+    try:
+        records = read_edits(edits)
+        if resume and (out / "memory.json").exists():
+            manifest = read_manifest(out)
+            base, tokenizer, name = load_base(model or manifest["base"]["name"], dtype, device)
+            elder = load_memory(out, base, tokenizer, name)
+            records = [r for r in records if r.id not in elder.edit_log]
+            typer.echo(f"resuming: {len(elder.edit_log)} edits in {out}, {len(records)} to go", err=True)
+        else:
+            if (out / "memory.json").exists():
+                raise ValueError(f"{out} already holds a memory; pass --resume to continue it")
+            config = ElderConfig.preset(preset, **_parse_overrides(set_))
+            base, tokenizer, name = load_base(model, dtype, device)
+            elder = ElderModel(base, tokenizer, config, name)
+        pending = 0
+
+        def checkpoint(batch_results):
+            nonlocal pending
+            pending += len(batch_results)
+            if pending >= save_every:
+                save_memory(elder, out)
+                pending = 0
+
+        results = apply_edits(elder, records, progress=sys.stderr.isatty(), on_batch=checkpoint)
+        save_memory(elder, out)
+    except _USER_ERRORS as error:
+        _fail(error)
+    seconds = sorted(r.seconds for r in results)
+    learned = sum(r.learned for r in results)
+    median = seconds[len(seconds) // 2] if seconds else 0.0
+    typer.echo(f"applied {len(results)} edits ({learned} learned when trained), median {median:.2f} s/edit; "
+               f"memory holds {len(elder.edit_log)} edits in {out}")
+
+
+@app.command()
+def ask(
+    prompts: Annotated[list[str], typer.Argument(help="prompts to answer")],
+    memory: Annotated[Optional[Path], typer.Option(help="edit memory folder; none: the base model")] = None,
+    model: ModelOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate per answer")] = 16,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object per line")] = False,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Greedy answers of the edited model, and whether the edit memory was used or deferred."""
+    try:
+        if memory is not None:
+            name = model or read_manifest(memory)["base"]["name"]
+            base, tokenizer, name = load_base(name, dtype, device)
+            elder = load_memory(memory, base, tokenizer, name)
+        else:
+            base, tokenizer, name = load_base(model, dtype, device)
+            elder = ElderModel(base, tokenizer, ElderConfig(), name)  # empty memory: always defers
+        answers = elder.generate(list(prompts), max_new_tokens=max_new_tokens)
+    except _USER_ERRORS as error:
+        _fail(error)
+    for answer in answers:
+        if as_json:
+            typer.echo(json.dumps({"prompt": answer.prompt, "answer": answer.text, "used_memory": answer.used_memory,
+                                   "distance": None if answer.distance == float("inf") else answer.distance}))
+        else:
+            how = "edited" if answer.used_memory else "deferred"
+            typer.echo(f"[{how}] {answer.prompt!r} -> {answer.text.strip()!r}")
+
+
+@app.command()
+def demo(
+    facts: Annotated[int, typer.Option(help="how many counterfactual capital facts to edit")] = 24,
+    out: Annotated[Optional[Path], typer.Option(help="also save the memory here")] = None,
+) -> None:
+    """Edit counterfactual capitals into the embedded SmolLM2-135M and show answers before and after."""
+    from elder.demo import run_demo
+
+    try:
+        run_demo(facts, out, echo=typer.echo)
+    except _USER_ERRORS as error:
+        _fail(error)

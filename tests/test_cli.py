@@ -1,0 +1,67 @@
+"""The command line on a tiny saved model: edit, resume, ask --json, malformed records, a corrupt memory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import byte_tokenizer, tiny_llama
+from typer.testing import CliRunner
+
+from elder.cli import app
+from elder.data import EditRecord, write_edits
+
+SETTINGS = ["--set", "first_layer=3", "--set", "num_layers=2", "--set", "num_experts=8", "--set", "rank=4",
+            "--set", "lr=0.03", "--set", "router_lr=0.05", "--set", "iterations=200", "--set", "epsilon=1",
+            "--set", "batch_size=2", "--preset", "fast"]
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    folder = tmp_path / "tiny"
+    tiny_llama().save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def run(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result
+
+
+def test_edit_then_ask_json_then_resume(tiny_dir, tmp_path):
+    edits = tmp_path / "edits.jsonl"
+    write_edits(edits, [EditRecord("a", "Q: sky?", "violet"), EditRecord("b", "Q: pet?", "a red fox")])
+    out = tmp_path / "memory"
+    result = run("edit", edits, "--out", out, "--model", tiny_dir, *SETTINGS)
+    assert result.exit_code == 0, result.output
+    assert "applied 2 edits" in result.output
+    result = run("ask", "--memory", out, "--json", "--max-new-tokens", "10", "Q: sky?")
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["used_memory"] is True and row["answer"].strip().startswith("violet")
+    write_edits(edits, [EditRecord("a", "Q: sky?", "violet"), EditRecord("c", "Q: sea?", "dry")])
+    assert run("edit", edits, "--out", out, "--model", tiny_dir).exit_code == 2  # exists: needs --resume
+    result = run("edit", edits, "--out", out, "--resume")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "memory.json").read_text())
+    assert list(manifest["edits"]) == ["a", "b", "c"]
+    assert manifest["training"]["variant"] == "edit-prompt-only"
+
+
+def test_malformed_record_is_reported_with_its_line(tiny_dir, tmp_path):
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text('{"id": "a", "prompt": "Q: x?", "target": "y"}\n{"id": "b", "prompt": "Q: z?", "target": ""}\n')
+    result = run("edit", edits, "--out", tmp_path / "m", "--model", tiny_dir)
+    assert result.exit_code == 2
+    assert "line 2" in result.output and "empty target" in result.output
+    assert not (tmp_path / "m" / "memory.json").exists()
+
+
+def test_unknown_setting_and_unknown_model_are_named(tiny_dir, tmp_path):
+    edits = tmp_path / "edits.jsonl"
+    write_edits(edits, [EditRecord("a", "Q: sky?", "violet")])
+    result = run("edit", edits, "--out", tmp_path / "m", "--model", tiny_dir, "--set", "nope=1")
+    assert result.exit_code == 2 and "unknown setting" in result.output
+    result = run("ask", "--model", tmp_path / "no-such-model", "hello")
+    assert result.exit_code == 2 and "cannot load model" in result.output

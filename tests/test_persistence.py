@@ -1,0 +1,103 @@
+"""Saving and loading the edit memory: identical outputs, clear refusals, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import small_config, tiny_gpt2, tiny_llama
+
+import elder.persistence as persistence
+from elder import EditRecord, ElderModel, apply_edits, load_memory, save_memory
+from elder.persistence import MemoryFormatError
+
+EDITS = [EditRecord("a", "Q: sky?", "violet"), EditRecord("b", "Q: pet?", "a red fox")]
+PROBES = ["Q: sky?", "Q: pet?", "zzzz 12345 qqqq"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    from conftest import byte_tokenizer
+    tokenizer = byte_tokenizer()
+    model = ElderModel(tiny_llama(), tokenizer, small_config())
+    apply_edits(model, EDITS, progress=False)
+    folder = tmp_path_factory.mktemp("memory")
+    save_memory(model, folder)
+    return folder, model, tokenizer
+
+
+def _outputs(model: ElderModel):
+    return [(a.text, a.used_memory, a.distance) for a in model.generate(PROBES, max_new_tokens=10)]
+
+
+def test_round_trip_gives_identical_outputs(saved):
+    folder, model, tokenizer = saved
+    loaded = load_memory(folder, tiny_llama(), tokenizer)
+    assert _outputs(loaded) == _outputs(model)
+    assert loaded.bank.ids == model.bank.ids and torch.equal(loaded.bank.codes, model.bank.codes)
+    assert list(loaded.edit_log) == ["a", "b"] and loaded.config == model.config
+    for key, value in model.adapters.state_dict().items():
+        assert torch.equal(loaded.adapters.state_dict()[key], value)
+
+
+def test_other_base_models_are_refused(saved):
+    folder, _, tokenizer = saved
+    with pytest.raises(MemoryFormatError, match="weights of .* differ"):
+        load_memory(folder, tiny_llama(seed=1), tokenizer)
+    with pytest.raises(MemoryFormatError):
+        load_memory(folder, tiny_gpt2(), tokenizer)
+
+
+def test_a_refused_load_leaves_the_base_model_free(saved):
+    folder, _, tokenizer = saved
+    base = tiny_llama(seed=1)
+    with pytest.raises(MemoryFormatError):
+        load_memory(folder, base, tokenizer)
+    ElderModel(base, tokenizer, small_config())  # no hooks or marker were left behind
+
+
+def test_truncated_or_corrupt_files_are_refused(saved, tmp_path):
+    folder, _, tokenizer = saved
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    tensors = next(copy.glob("adapters-*.safetensors"))
+    tensors.write_bytes(tensors.read_bytes()[:-100])
+    with pytest.raises(MemoryFormatError, match="corrupt or truncated"):
+        load_memory(copy, tiny_llama(), tokenizer)
+    (copy / "memory.json").write_text("{not json")
+    with pytest.raises(MemoryFormatError, match="corrupt"):
+        load_memory(copy, tiny_llama(), tokenizer)
+    with pytest.raises(MemoryFormatError, match="memory.json is missing"):
+        load_memory(tmp_path / "nowhere", tiny_llama(), tokenizer)
+
+
+def test_other_format_versions_are_refused(saved, tmp_path):
+    folder, _, tokenizer = saved
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    manifest = json.loads((copy / "memory.json").read_text())
+    manifest["format_version"] = 99
+    (copy / "memory.json").write_text(json.dumps(manifest))
+    with pytest.raises(MemoryFormatError, match="format version 99"):
+        load_memory(copy, tiny_llama(), tokenizer)
+
+
+def test_a_failed_save_keeps_the_previous_memory(saved, tmp_path, monkeypatch):
+    folder, model, tokenizer = saved
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    before = sorted(p.name for p in copy.iterdir())
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(persistence, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_memory(model, copy)
+    assert sorted(p.name for p in copy.iterdir()) == before
+    monkeypatch.undo()
+    assert _outputs(load_memory(copy, tiny_llama(), tokenizer)) == _outputs(model)
