@@ -128,7 +128,7 @@ def ask(
 
 @app.command()
 def demo(
-    facts: Annotated[int, typer.Option(help="how many counterfactual capital facts to edit")] = 24,
+    facts: Annotated[int, typer.Option(help="how many counterfactual capital facts to edit")] = 12,
     out: Annotated[Optional[Path], typer.Option(help="also save the memory here")] = None,
 ) -> None:
     """Edit counterfactual capitals into the embedded SmolLM2-135M and show answers before and after."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
 from dataclasses import dataclass, field
 
 
@@ -115,13 +117,16 @@ class ElderConfig:
 
 # The paper's loop is the dataclass default; `fast` stops each batch once its targets are learned, trains
 # harder per step, and keeps old edits routable (see the README for the measurements behind it).
-PRESETS: dict[str, dict] = {
+PRESETS: Mapping[str, Mapping] = MappingProxyType({
     "paper": {},
     "fast": {
+        "num_experts": 16,
         "lr": 1e-3,
+        "router_lr": 1e-2,
+        "anchor_routes": True,
         "early_stop": True,
         "guide_weight": 1.0,
         "epsilon": 4.0,
         "refresh_codes": True,
     },
-}
+})

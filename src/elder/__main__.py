@@ -1,0 +1,5 @@
+"""`python -m elder` runs the command line."""
+
+from elder.cli import app
+
+app()
