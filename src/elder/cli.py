@@ -130,11 +130,13 @@ def ask(
 def demo(
     facts: Annotated[int, typer.Option(help="how many counterfactual capital facts to edit")] = 12,
     out: Annotated[Optional[Path], typer.Option(help="also save the memory here")] = None,
+    preset: Annotated[str, typer.Option(help="settings preset: paper or fast")] = "fast",
+    set_: Annotated[list[str], typer.Option("--set", help="override a setting, e.g. --set epsilon=6")] = [],
 ) -> None:
     """Edit counterfactual capitals into the embedded SmolLM2-135M and show answers before and after."""
     from elder.demo import run_demo
 
     try:
-        run_demo(facts, out, echo=typer.echo)
+        run_demo(facts, out, ElderConfig.preset(preset, **_parse_overrides(set_)), echo=typer.echo)
     except _USER_ERRORS as error:
         _fail(error)

@@ -18,10 +18,10 @@ def _hit(text: str, target: str) -> bool:
     return text.strip().startswith(target)
 
 
-def run_demo(facts: int, out: Path | None, echo: Callable[[str], None] = print) -> bool:
-    """Edit `facts` capitals with the fast preset; True when every edit answers and every unrelated prompt holds."""
+def run_demo(facts: int, out: Path | None, config: ElderConfig, echo: Callable[[str], None] = print) -> bool:
+    """Edit `facts` capitals with these settings; True when every edit answers and every unrelated prompt holds."""
     base, tokenizer, name = load_base()
-    model = ElderModel(base, tokenizer, ElderConfig.preset("fast"), name)
+    model = ElderModel(base, tokenizer, config, name)
     records = demo_edits(facts)
     prompts = [r.prompt for r in records]
     rephrases = [r.rephrases[0] for r in records]
