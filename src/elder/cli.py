@@ -128,7 +128,7 @@ def ask(
 
 @app.command()
 def demo(
-    facts: Annotated[int, typer.Option(help="how many counterfactual capital facts to edit")] = 12,
+    facts: Annotated[int, typer.Option(help="how many counterfactual capital facts to edit")] = 24,
     out: Annotated[Optional[Path], typer.Option(help="also save the memory here")] = None,
     preset: Annotated[str, typer.Option(help="settings preset: paper or fast")] = "fast",
     set_: Annotated[list[str], typer.Option("--set", help="override a setting, e.g. --set epsilon=6")] = [],
