@@ -64,6 +64,8 @@ def edit(
     try:
         records = read_edits(edits)
         if resume and (out / "memory.json").exists():
+            if set_:
+                raise ConfigError("--set cannot change a saved memory's settings when resuming")
             manifest = read_manifest(out)
             base, tokenizer, name = load_base(model or manifest["base"]["name"], dtype, device)
             elder = load_memory(out, base, tokenizer, name)
