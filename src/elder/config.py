@@ -121,9 +121,9 @@ PRESETS: Mapping[str, Mapping] = MappingProxyType({
     "paper": {},
     "fast": {
         "num_experts": 16,
-        "lr": 3e-4,
+        "lr": 2e-4,
         "router_lr": 1e-2,
-        "iterations": 150,
+        "iterations": 250,
         "anchor_routes": True,
         "early_stop": True,
         "guide_weight": 1.0,
