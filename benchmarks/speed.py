@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -110,11 +111,10 @@ def main() -> None:
     unrelated = [p.prompt for r in records[:args.edits] for p in r.locality][:16]
     results["generation_edited"] = time_generation(model, edited, repeats=9, tokens=16)
     results["generation_unrelated"] = time_generation(model, unrelated, repeats=9, tokens=16)
-    bank_bytes = model.bank.codes.numel() + (model.bank.queries.numel() * 2 if model.bank.queries is not None else 0)
     results["memory"] = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                          "adapter_mb": sum(p.numel() * p.element_size() for p in model.trainable_parameters()) / 2**20,
-                         "bank_bytes_per_edit": bank_bytes / len(model.bank),
-                         "code_bytes_per_edit": model.bank.codes.shape[1] / 8}
+                         "bank_bytes_per_edit": model.bank.nbytes() / len(model.bank),
+                         "code_bytes_per_edit": math.ceil(model.bank.code_bits / 8)}
     layers, experts, top_k = len(model.adapters), fast.num_experts, fast.top_k
     results["lookup_ms"] = {size: time_lookup(size, layers, experts, top_k) for size in (1_000, 10_000, 100_000)}
 
@@ -137,7 +137,7 @@ def main() -> None:
     print(f"peak RSS {m['peak_rss_mb']:.0f} MB; adapters {m['adapter_mb']:.1f} MB, fixed "
           f"({fast_r['trainable_params']} trainable parameters before and after editing); code bank "
           f"{m['bank_bytes_per_edit']:.0f} bytes per stored edit as kept in memory ({m['code_bytes_per_edit']:.0f} "
-          f"bytes of code bits, the rest the fp16 query kept for refresh_codes/anchor_routes)")
+          f"bytes of packed code bits, the rest the int8 query and its scale kept for refresh_codes/anchor_routes)")
     print("code lookup per prompt: " + ", ".join(f"{size:,} codes {ms:.3f} ms" for size, ms in results["lookup_ms"].items()))
     if args.json_out:
         with open(args.json_out, "w") as f:

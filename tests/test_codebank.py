@@ -24,6 +24,22 @@ def test_min_hamming_distance_against_hand_computed_values():
     assert bank.min_distance(bits("110000")).tolist() == [4.0]
 
 
+def test_codes_are_kept_bit_packed_and_queries_as_int8():
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.rand(50, 21, generator=generator) < 0.3  # 21 bits: not a whole number of bytes
+    queries = torch.randn(50, 64, generator=generator) * torch.logspace(-3, 2, 50)[:, None]  # rows of any scale
+    bank = CodeBank(21)
+    bank.add([f"e{i}" for i in range(50)], codes, queries)
+    assert torch.equal(bank.codes, codes)
+    step = queries.abs().amax(dim=1, keepdim=True) / 127  # per-row quantization step
+    assert ((bank.queries - queries).abs() <= step / 2 * 1.001).all()
+    assert bank.nbytes() == 50 * (3 + 64 + 4)  # 3 bytes of code bits, 64 int8 values and one fp32 scale per edit
+    bank.remove("e3")
+    assert torch.equal(bank.codes, torch.cat([codes[:3], codes[4:]])) and len(bank.queries) == 49
+    bank.replace_codes(~bank.codes)
+    assert torch.equal(bank.codes, ~torch.cat([codes[:3], codes[4:]]))
+
+
 def test_presets_are_unique_reproducible_and_k_of_n_per_layer(tokenizer):
     first = ElderModel(tiny_llama(), tokenizer, small_config(num_experts=4, top_k=2))
     presets = [first.preset_for(f"fact-{i}") for i in range(30)]

@@ -49,6 +49,8 @@ def test_config_rejects_fewer_experts_than_top_k():
         ElderConfig(num_experts=2, top_k=3)
     with pytest.raises(ConfigError, match="unknown setting"):
         ElderConfig().replace(nonsense=1)
+    with pytest.raises(ConfigError, match="stop_probability"):
+        ElderConfig(stop_probability=1.0)
 
 
 def _memory_on_one_prompt(tokenizer, edited: str) -> ElderModel:
@@ -107,6 +109,58 @@ def test_edits_are_learned_and_long_answers_stay_edited(tokenizer):
     for edit, answer in zip(EDITS, got):
         assert answer.used_memory
         assert answer.text.strip().startswith(edit.target)  # every one of the target.s 7-10 tokens, through the KV cache
+
+
+def target_probabilities(model: ElderModel, edits: list[EditRecord]) -> torch.Tensor:
+    batch = teacher_forced(model.tokenizer, [e.prompt for e in edits], [e.target for e in edits], None, 32)
+    with torch.no_grad():
+        logits, _ = model.target_logits(batch, defer=False)
+    return logits.softmax(-1).gather(-1, batch.target_ids[:, None])[:, 0]
+
+
+def sharp_llama() -> torch.nn.Module:
+    """The tiny LLaMA with a scaled output layer: its random logits are otherwise too flat for any sharp answer."""
+    base = tiny_llama()
+    with torch.no_grad():
+        base.lm_head.weight.mul_(30)
+    return base
+
+
+def test_stop_probability_trains_past_the_argmax_to_the_margin(tokenizer):
+    plain = ElderModel(sharp_llama(), tokenizer, small_config())
+    plain_steps = apply_edits(plain, EDITS, progress=False)[0].iterations
+    assert float(target_probabilities(plain, EDITS).min()) < 0.9  # argmax alone stops short of the margin
+    margin = ElderModel(sharp_llama(), tokenizer, small_config(stop_probability=0.9))
+    results = apply_edits(margin, EDITS, progress=False)
+    assert all(r.learned for r in results) and plain_steps < results[0].iterations < 200
+    assert float(target_probabilities(margin, EDITS).min()) >= 0.9
+
+
+def test_routed_checks_the_top_k_and_the_logit_margin():
+    from elder.editing import _routed
+    scores = torch.tensor([[[0.5, 0.3, 0.15, 0.05]]])
+    assert _routed(scores, torch.tensor([[[0, 1]]])) and not _routed(scores, torch.tensor([[[0, 2]]]))
+    assert _routed(scores, torch.tensor([[[0, 1]]]), margin=0.5)  # log(0.3 / 0.15) = 0.69
+    assert not _routed(scores, torch.tensor([[[0, 1]]]), margin=1.0)
+
+
+def test_settle_routes_trains_only_the_routers_until_the_batch_routes_to_its_presets(tokenizer):
+    from elder.editing import ROUTE_MARGIN, SETTLE_STEPS, _routed, _settle_routes
+    model = ElderModel(tiny_llama(), tokenizer, small_config(settle_routes=True))
+    batch = teacher_forced(tokenizer, [e.prompt for e in EDITS], [e.target for e in EDITS], None, 32)
+    query = model.run_prefix(batch).query
+    presets = torch.stack([model.preset_for(e.id) for e in EDITS])
+    assert not _routed(model.router_scores(query), presets)  # the random routers pick other experts
+    experts = [p.detach().clone() for a in model.adapters for p in (a.lora_A, a.lora_B)]
+    routers = [p for a in model.adapters for p in a.router.parameters()]
+    steps = _settle_routes(model, query, presets, None, routers)
+    assert 0 < steps < SETTLE_STEPS and _routed(model.router_scores(query), presets, ROUTE_MARGIN)
+    assert all(torch.equal(before, p) for before, p in zip(experts, (p for a in model.adapters
+                                                                       for p in (a.lora_A, a.lora_B))))
+    new = EditRecord("c", "Q: sky?", "teal")
+    assert apply_edits(model, [new], progress=False)[0].learned
+    new_query = model.run_prefix(teacher_forced(tokenizer, [new.prompt], [new.target], None, 32)).query
+    assert _routed(model.router_scores(new_query), model.preset_for("c")[None])
 
 
 def test_forget_makes_an_edit_defer_again(tokenizer):

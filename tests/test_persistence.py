@@ -36,6 +36,7 @@ def test_round_trip_gives_identical_outputs(saved):
     loaded = load_memory(folder, tiny_llama(), tokenizer)
     assert _outputs(loaded) == _outputs(model)
     assert loaded.bank.ids == model.bank.ids and torch.equal(loaded.bank.codes, model.bank.codes)
+    assert torch.equal(loaded.bank.queries, model.bank.queries)
     assert list(loaded.edit_log) == ["a", "b"] and loaded.config == model.config
     for key, value in model.adapters.state_dict().items():
         assert torch.equal(loaded.adapters.state_dict()[key], value)
@@ -83,6 +84,26 @@ def test_other_format_versions_are_refused(saved, tmp_path):
     (copy / "memory.json").write_text(json.dumps(manifest))
     with pytest.raises(MemoryFormatError, match="format version 99"):
         load_memory(copy, tiny_llama(), tokenizer)
+
+
+def test_version_1_memories_with_fp16_queries_still_load(saved, tmp_path):
+    folder, model, tokenizer = saved
+    import shutil
+    from safetensors.torch import load_file, save_file
+    copy = tmp_path / "v1"
+    shutil.copytree(folder, copy)
+    manifest = json.loads((copy / "memory.json").read_text())
+    tensors = load_file(copy / manifest["tensors"]["file"])
+    assert tensors["bank.query_values"].dtype == torch.int8  # what version 2 writes
+    tensors["bank.queries"] = model.bank.queries.half()
+    del tensors["bank.query_values"], tensors["bank.query_scales"]
+    save_file(tensors, copy / manifest["tensors"]["file"])
+    manifest.update(format_version=1, tensors={"file": manifest["tensors"]["file"],
+                                               "sha256": persistence._sha256(copy / manifest["tensors"]["file"])})
+    (copy / "memory.json").write_text(json.dumps(manifest))
+    loaded = load_memory(copy, tiny_llama(), tokenizer)
+    assert _outputs(loaded) == _outputs(model)
+    assert torch.allclose(loaded.bank.queries, model.bank.queries, rtol=1e-2, atol=1e-2 * model.bank.queries.abs().max())
 
 
 def test_a_failed_save_keeps_the_previous_memory(saved, tmp_path, monkeypatch):

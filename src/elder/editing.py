@@ -20,6 +20,10 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the batch was rolled back."""
 
 
+SETTLE_STEPS = 200  # router-only steps before the experts train (settle_routes); each costs well under a millisecond
+ROUTE_MARGIN = 1.0  # logit gap settle_routes leaves between a row's preset experts and the others
+
+
 @dataclass
 class EditResult:
     """What training one edit cost and whether its target was learned."""
@@ -92,21 +96,20 @@ def _train_batch(model: ElderModel, item: _Prepared) -> list[EditResult]:
     optimizer = torch.optim.Adam([{"params": experts}, {"params": routers, "lr": cfg.router_lr or cfg.lr}], lr=cfg.lr)
     anchors = _anchors(model)
     prefix = model.run_prefix(batch)  # the layers below the band are frozen: run them once per batch
+    if cfg.settle_routes and prefix is not None and prefix.query is not None:
+        _settle_routes(model, prefix.query, presets, anchors, routers)
     steps = 0
     while True:
         logits, route = model.target_logits(batch, defer=False, prefix=prefix)
         targets = batch.target_ids.to(logits.device)
         learned = bool((logits.argmax(-1) == targets).all())
-        routed = bool((route.scores.topk(cfg.top_k, dim=-1).indices.sort(-1).values == presets).all())
-        if steps == cfg.iterations or (cfg.early_stop and learned and (routed or not cfg.anchor_routes)):
+        margin = cfg.stop_probability == 0.0 or bool(
+            (logits.float().log_softmax(-1).gather(-1, targets[:, None]) >= math.log(cfg.stop_probability)).all())
+        routed = _routed(route.scores, presets)
+        if steps == cfg.iterations or (cfg.early_stop and learned and margin and (routed or not cfg.anchor_routes)):
             break
         lm_loss = F.cross_entropy(logits.float(), targets)
-        # guided loss: -log of the router scores at the fact's preset (layer, expert) pairs
-        guide = -route.scores.gather(-1, presets).clamp_min(1e-12).log().sum(dim=(1, 2)).mean()
-        if anchors is not None:
-            # keep earlier edits' routes on their presets while the routers learn new ones
-            scores = torch.stack([a.scores(anchors[0]) for a in model.adapters], dim=1)
-            guide = guide - scores.gather(-1, anchors[1]).clamp_min(1e-12).log().sum(dim=(1, 2)).mean()
+        guide = _guide_loss(model, route.scores, presets, anchors)
         loss = lm_loss + cfg.guide_weight * guide.to(lm_loss.device)
         if not torch.isfinite(loss):
             model.adapters.load_state_dict(snapshot)
@@ -125,6 +128,48 @@ def _train_batch(model: ElderModel, item: _Prepared) -> list[EditResult]:
     for record, result in zip(item.records, results):
         model.edit_log[record.id] = {"record": record.to_dict(), **result.to_dict()}
     return results
+
+
+def _guide_loss(model: ElderModel, scores: torch.Tensor, presets: torch.Tensor,
+                anchors: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """The guided loss: -log of the router scores at each fact's preset (layer, expert) pairs; with anchors, also
+    at earlier edits' presets from their stored queries, so the routers keep old routes while learning new ones."""
+    guide = -scores.gather(-1, presets).clamp_min(1e-12).log().sum(dim=(1, 2)).mean()
+    if anchors is not None:
+        old = model.router_scores(anchors[0])
+        guide = guide - old.gather(-1, anchors[1]).clamp_min(1e-12).log().sum(dim=(1, 2)).mean()
+    return guide
+
+
+def _routed(scores: torch.Tensor, presets: torch.Tensor, margin: float = 0.0) -> bool:
+    """Every row's top-k experts are its preset, in every layer, each preset expert's logit at least `margin` above
+    every other expert's."""
+    if margin == 0.0:
+        return bool((scores.topk(presets.shape[-1], dim=-1).indices.sort(-1).values == presets).all())
+    logs = scores.clamp_min(1e-30).log()
+    weakest = logs.gather(-1, presets).min(-1).values
+    others = logs.scatter(-1, presets, float("-inf")).max(-1).values
+    return bool((weakest - others >= margin).all())
+
+
+def _settle_routes(model: ElderModel, query: torch.Tensor, presets: torch.Tensor,
+                   anchors: tuple[torch.Tensor, torch.Tensor] | None, routers: list[torch.nn.Parameter]) -> int:
+    """Train the routers alone until the batch routes to its presets with a margin of ROUTE_MARGIN in logits (at most
+    SETTLE_STEPS steps; the margin keeps the stored codes stable under small query changes); returns the steps.
+
+    The query is read below the adapted band, so it does not depend on the experts: routing can be settled from the
+    cached query with no model forward, before any expert is trained. The experts then learn under the final route
+    instead of under whatever the routers picked on the way to it.
+    """
+    optimizer = torch.optim.Adam(routers, lr=model.config.router_lr or model.config.lr)
+    for step in range(SETTLE_STEPS):
+        scores = model.router_scores(query)
+        if _routed(scores, presets, ROUTE_MARGIN):
+            return step
+        optimizer.zero_grad(set_to_none=True)
+        _guide_loss(model, scores, presets, anchors).backward()
+        optimizer.step()
+    return SETTLE_STEPS
 
 
 def _anchors(model: ElderModel) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -17,7 +17,8 @@ from elder.mechanism import ElderModel
 from elder.mechanism.targets import get_module, num_hidden_layers
 
 FORMAT = "elder-memory"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: stored queries as int8 values plus a scale per row (1 kept them as fp16)
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "memory.json"
 _FINGERPRINT_VALUES = 256  # leading weights of each adapted module: enough to tell checkpoints apart
 
@@ -32,8 +33,9 @@ def save_memory(model: ElderModel, directory: str | os.PathLike) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"adapters.{k}": v.detach().float().cpu().contiguous() for k, v in model.adapters.state_dict().items()}
     tensors["bank.codes"] = model.bank.codes.to(torch.uint8).contiguous()
-    if model.bank.queries is not None:
-        tensors["bank.queries"] = model.bank.queries.contiguous()
+    if model.bank.quantized_queries is not None:
+        values, scales = model.bank.quantized_queries
+        tensors["bank.query_values"], tensors["bank.query_scales"] = values.contiguous(), scales.contiguous()
     preset_ids = list(model.presets)
     if preset_ids:
         tensors["presets"] = torch.stack([model.presets[i] for i in preset_ids]).contiguous()
@@ -78,9 +80,9 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         raise MemoryFormatError(f"{path} is corrupt: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise MemoryFormatError(f"{path} is not an ELDER memory")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise MemoryFormatError(f"{path} has format version {manifest.get('format_version')}; "
-                                f"this elder reads version {FORMAT_VERSION}")
+                                f"this elder reads versions {', '.join(map(str, READABLE_VERSIONS))}")
     return manifest
 
 
@@ -114,7 +116,11 @@ def load_memory(directory: str | os.PathLike, base, tokenizer, base_name: str | 
         state = {k.removeprefix("adapters."): v for k, v in tensors.items() if k.startswith("adapters.")}
         model.adapters.load_state_dict(state, strict=True)
         if bank_ids:
-            model.bank.add(bank_ids, tensors["bank.codes"].bool(), tensors.get("bank.queries"))
+            if "bank.query_values" in tensors:
+                queries, scales = tensors["bank.query_values"], tensors["bank.query_scales"]
+            else:  # format version 1: fp16 queries, quantized now
+                queries, scales = tensors.get("bank.queries"), None
+            model.bank.add(bank_ids, tensors["bank.codes"].bool(), queries, scales)
         for i, fact_id in enumerate(preset_ids):
             model.set_preset(fact_id, tensors["presets"][i])
         model.edit_log = dict(edits)

@@ -6,37 +6,73 @@ import torch
 
 
 class CodeBank:
-    """Stored binary allocation codes, one per edited sample, keyed by the id of the edit they belong to."""
+    """Stored binary allocation codes, one per edited sample, keyed by the id of the edit they belong to.
+
+    Codes are kept bit-packed (L*N/8 bytes each). Query vectors, kept only when codes are refreshed after training
+    (refresh_codes) or routes are anchored (anchor_routes), are kept as int8 with one fp32 scale per row: about one
+    byte per query dimension instead of four.
+    """
 
     def __init__(self, code_bits: int) -> None:
         self.code_bits = code_bits
         self.ids: list[str] = []
-        self.codes = torch.zeros(0, code_bits, dtype=torch.bool)
-        # fp16 query vectors, kept only when codes are refreshed after training (refresh_codes)
-        self.queries: torch.Tensor | None = None
+        self._packed = torch.zeros(0, (code_bits + 7) // 8, dtype=torch.uint8)
+        self._query_values: torch.Tensor | None = None  # (n, d) int8
+        self._query_scales: torch.Tensor | None = None  # (n,) fp32: a row is values * scale
         self._index: _BitIndex | None = None  # inverted index of the stored codes, rebuilt after each change
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def add(self, ids: list[str], codes: torch.Tensor, queries: torch.Tensor | None = None) -> None:
-        """Store one code per id (several codes may share an id: an edit and its trained paraphrases)."""
+    @property
+    def codes(self) -> torch.Tensor:
+        """Every stored code, (n, code_bits) bool."""
+        return _unpack(self._packed, self.code_bits)
+
+    @property
+    def queries(self) -> torch.Tensor | None:
+        """Every stored query vector (n, d) as fp32, or None when queries are not kept."""
+        if self._query_values is None:
+            return None
+        return self._query_values.float() * self._query_scales[:, None]
+
+    @property
+    def quantized_queries(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The stored queries as kept: (int8 values, fp32 scales), or None."""
+        return None if self._query_values is None else (self._query_values, self._query_scales)
+
+    def nbytes(self) -> int:
+        """Bytes the bank's codes and queries take in memory (ids not counted)."""
+        kept = [self._packed] + ([self._query_values, self._query_scales] if self._query_values is not None else [])
+        return sum(t.numel() * t.element_size() for t in kept)
+
+    def add(self, ids: list[str], codes: torch.Tensor, queries: torch.Tensor | None = None,
+            scales: torch.Tensor | None = None) -> None:
+        """Store one code per id (several codes may share an id: an edit and its trained paraphrases).
+
+        `queries` are float vectors, quantized here to int8; or already int8 values when their `scales` are given.
+        """
         if codes.shape != (len(ids), self.code_bits):
             raise ValueError(f"expected codes of shape ({len(ids)}, {self.code_bits}), got {tuple(codes.shape)}")
-        if (queries is None) != (self.queries is None) and len(self.ids) > 0:
+        if (queries is None) != (self._query_values is None) and len(self.ids) > 0:
             raise ValueError("either every stored code keeps its query or none does")
-        self.ids.extend(ids)
-        self.codes = torch.cat([self.codes, codes.detach().to("cpu", torch.bool)])
         if queries is not None:
-            queries = queries.detach().to("cpu", torch.float16)
-            self.queries = queries if self.queries is None else torch.cat([self.queries, queries])
+            if len(queries) != len(ids):
+                raise ValueError(f"{len(ids)} codes but {len(queries)} queries")
+            values, scales = _quantize(queries) if scales is None else (queries.to(torch.int8), scales.float())
+            if self._query_values is not None and values.shape[1] != self._query_values.shape[1]:
+                raise ValueError(f"queries of width {values.shape[1]}, the bank holds {self._query_values.shape[1]}")
+            self._query_values = values if self._query_values is None else torch.cat([self._query_values, values])
+            self._query_scales = scales if self._query_scales is None else torch.cat([self._query_scales, scales])
+        self.ids.extend(ids)
+        self._packed = torch.cat([self._packed, _pack(codes.detach().to("cpu", torch.bool))])
         self._index = None
 
     def replace_codes(self, codes: torch.Tensor) -> None:
         """Overwrite every stored code (same order), e.g. after the routers moved."""
-        if codes.shape != self.codes.shape:
-            raise ValueError(f"expected codes of shape {tuple(self.codes.shape)}, got {tuple(codes.shape)}")
-        self.codes = codes.detach().to("cpu", torch.bool)
+        if codes.shape != (len(self.ids), self.code_bits):
+            raise ValueError(f"expected codes of shape {(len(self.ids), self.code_bits)}, got {tuple(codes.shape)}")
+        self._packed = _pack(codes.detach().to("cpu", torch.bool))
         self._index = None
 
     def remove(self, edit_id: str) -> int:
@@ -45,9 +81,9 @@ class CodeBank:
         dropped = len(self.ids) - len(keep)
         self.ids = [self.ids[i] for i in keep]
         index = torch.tensor(keep, dtype=torch.long)
-        self.codes = self.codes[index]
-        if self.queries is not None:
-            self.queries = self.queries[index]
+        self._packed = self._packed[index]
+        if self._query_values is not None:
+            self._query_values, self._query_scales = self._query_values[index], self._query_scales[index]
         self._index = None
         return dropped
 
@@ -58,6 +94,30 @@ class CodeBank:
         if self._index is None:
             self._index = _BitIndex(self.codes)
         return torch.stack([self._index.min_distance(row) for row in codes.detach().cpu()]).to(codes.device)
+
+
+def _pack(codes: torch.Tensor) -> torch.Tensor:
+    """(n, bits) bool -> (n, ceil(bits / 8)) uint8, most significant bit first."""
+    pad = (-codes.shape[1]) % 8
+    bits = torch.nn.functional.pad(codes.to(torch.uint8), (0, pad)).view(len(codes), -1, 8)
+    return (bits << _shifts()).sum(-1, dtype=torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, code_bits: int) -> torch.Tensor:
+    """Inverse of _pack."""
+    return ((packed[..., None] >> _shifts()) & 1).bool().flatten(1)[:, :code_bits]
+
+
+def _shifts() -> torch.Tensor:
+    return torch.arange(7, -1, -1, dtype=torch.uint8)
+
+
+def _quantize(queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: values in [-127, 127] and the fp32 scale that maps them back."""
+    queries = queries.detach().to("cpu", torch.float32)
+    scales = (queries.abs().amax(dim=1) / 127).clamp_min(1e-12)
+    values = (queries / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return values, scales
 
 
 class _BitIndex:

@@ -119,8 +119,7 @@ class ElderModel:
     def route(self, query: torch.Tensor, defer: bool) -> Route:
         """Route query vectors (batch, d): every router's scores, its top-k, the codes and the deferral."""
         query = query.to(self.query_device, torch.float32)
-        scores = torch.stack([a.scores(query.to(a.router.weight.device)).to(self.query_device)
-                              for a in self.adapters], dim=1)
+        scores = self.router_scores(query)
         chosen = torch.zeros_like(scores, dtype=torch.bool)
         chosen.scatter_(-1, scores.topk(self.config.top_k, dim=-1).indices, True)
         codes = chosen.flatten(1)
@@ -132,6 +131,12 @@ class ElderModel:
             used = torch.ones(len(query), dtype=torch.bool, device=query.device)
         weights = scores * (chosen & used[:, None, None])
         return Route(query, scores, weights, codes, used, distance)
+
+    def router_scores(self, query: torch.Tensor) -> torch.Tensor:
+        """Every router's softmax scores (batch, L, N) for query vectors (batch, d), on the query's device."""
+        query = query.to(self.query_device, torch.float32)
+        return torch.stack([a.scores(query.to(a.router.weight.device)).to(self.query_device) for a in self.adapters],
+                           dim=1)
 
     def _read_query(self, module: nn.Module, args: tuple) -> None:
         session = self._session
@@ -262,10 +267,10 @@ class ElderModel:
     @torch.no_grad()
     def refresh_codes(self, chunk: int = 4096) -> None:
         """Re-derive every stored code from its stored query with the current routers (undoes routing drift)."""
-        if self.bank.queries is None or len(self.bank) == 0:
+        queries = self.bank.queries
+        if queries is None or len(self.bank) == 0:
             return
-        codes = [self.route(self.bank.queries[i:i + chunk], defer=False).codes.cpu()
-                 for i in range(0, len(self.bank), chunk)]
+        codes = [self.route(queries[i:i + chunk], defer=False).codes.cpu() for i in range(0, len(queries), chunk)]
         self.bank.replace_codes(torch.cat(codes))
 
     # --- presets of the guided loss ----------------------------------------------------------------
