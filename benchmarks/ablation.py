@@ -1,0 +1,104 @@
+"""Final scores after T sequential edits under several ELDER settings: one model load, the same edit stream.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/ablation.py --data zsre:../shared/data/zsre_wise_edit_1037.json \
+        --edits 200 --config '{"settle_routes": false, "lr": 3e-3}' --config '{}'
+
+Each --config is a JSON object of ELDER settings: a `preset` (default `fast`) plus any ElderConfig field. Every config
+trains the same first T edits, on the edit prompt only, then scores all of them: Rel (teacher-forced token accuracy
+on the edit prompt, also for the first and the last fifth of the stream, which shows forgetting), Gen (each edit's
+first rephrase), and how often the memory answered edit prompts, rephrases and one unrelated (locality) prompt per
+edit; plus the training cost (median seconds per edit, mean steps per batch). For full runs with locality, tuning
+and retention use `elder bench`; this script is for comparing settings quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+from elder.config import ConfigError
+from elder.evaluation.datasets import load_benchmark
+from elder.methods.base import TokenPrediction
+from elder.methods.elder import ElderMethod
+from elder.models import load_base
+
+
+def mean(values) -> float:
+    values = list(values)
+    return statistics.fmean(values) if values else float("nan")
+
+
+def run(base, tokenizer, name, settings: dict, records) -> dict:
+    method = ElderMethod.create(base, tokenizer, name, settings)
+    try:
+        start = time.perf_counter()
+        results = method.edit([dataclasses.replace(r, rephrases=()) for r in records])
+        wall = time.perf_counter() - start
+        prompts: list[TokenPrediction] = method.predict([r.prompt for r in records], [r.target for r in records])
+        paraphrased = [r for r in records if r.rephrases]
+        rephrases = method.predict([r.rephrases[0] for r in paraphrased], [r.target for r in paraphrased])
+        probes = [(r.locality[0].prompt, r.locality[0].answer) for r in records if r.locality and r.locality[0].answer]
+        unrelated = method.predict([p for p, _ in probes], [a for _, a in probes])
+    finally:
+        method.close()
+    fifth = max(1, len(prompts) // 5)
+    batches = {}  # one entry per batch: its edits share the wall time and the step count
+    for r in results:
+        batches.setdefault((r.seconds, r.iterations), r.iterations)
+    return {
+        "settings": settings, "edits": len(records),
+        "rel": mean(p.accuracy for p in prompts),
+        "rel_first_fifth": mean(p.accuracy for p in prompts[:fifth]),
+        "rel_last_fifth": mean(p.accuracy for p in prompts[-fifth:]),
+        "gen": mean(p.accuracy for p in rephrases),
+        "used_prompt": mean(p.used_memory for p in prompts),
+        "used_rephrase": mean(p.used_memory for p in rephrases),
+        "used_unrelated": mean(p.used_memory for p in unrelated),
+        "learned_when_trained": mean(r.learned for r in results),
+        "seconds_per_edit_median": statistics.median(r.seconds for r in results),
+        "steps_per_batch_mean": mean(batches.values()),
+        "wall_s": wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="benchmark spec, e.g. zsre:PATH")
+    parser.add_argument("--edits", type=int, default=200, help="T: edits in the stream")
+    parser.add_argument("--config", action="append", required=True, help="JSON object of ELDER settings")
+    parser.add_argument("--model", default=None, help="base model; default: the embedded SmolLM2-135M")
+    parser.add_argument("--json", dest="json_out", default=None, help="also write the results to this file")
+    args = parser.parse_args()
+    configs = []
+    for text in args.config:
+        settings = json.loads(text)
+        if not isinstance(settings, dict):
+            parser.error(f"--config must be a JSON object, got {text!r}")
+        try:
+            ElderMethod.check_settings(settings)  # a bad setting fails before anything is trained
+        except ConfigError as error:
+            parser.error(f"--config {text}: {error}")
+        configs.append(settings)
+    records = list(load_benchmark(args.data, limit=args.edits).records)
+    base, tokenizer, name = load_base(args.model)
+    print(f"model {name}; data {args.data}; first {len(records)} edits, edit prompts only")
+    print(f"{'Rel':>6}{'first 1/5':>10}{'last 1/5':>9}{'Gen':>6}{'used: edit/reph/unrel':>23}{'s/edit':>8}"
+          f"{'steps':>7}  settings")
+    rows = []
+    for settings in configs:
+        row = run(base, tokenizer, name, settings, records)
+        rows.append(row)
+        used = f"{row['used_prompt']:.2f}/{row['used_rephrase']:.2f}/{row['used_unrelated']:.2f}"
+        print(f"{100 * row['rel']:>6.1f}{100 * row['rel_first_fifth']:>10.1f}{100 * row['rel_last_fifth']:>9.1f}"
+              f"{100 * row['gen']:>6.1f}{used:>23}{row['seconds_per_edit_median']:>8.2f}"
+              f"{row['steps_per_batch_mean']:>7.1f}  {json.dumps(settings)}", flush=True)
+    if args.json_out:
+        with open(args.json_out, "w") as out:
+            json.dump(rows, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()
