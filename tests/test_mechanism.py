@@ -163,6 +163,20 @@ def test_settle_routes_trains_only_the_routers_until_the_batch_routes_to_its_pre
     assert _routed(model.router_scores(new_query), model.preset_for("c")[None])
 
 
+def test_anchors_are_capped_at_a_reproducible_sample_of_earlier_edits(tokenizer, monkeypatch):
+    import elder.editing as editing
+    model = ElderModel(tiny_llama(), tokenizer, small_config(iterations=1))
+    apply_edits(model, [EditRecord(f"e{i}", f"Q{i}: sky?", "violet") for i in range(5)], progress=False)
+    queries, presets = editing._anchors(model)
+    assert len(queries) == 5 and torch.equal(queries, model.bank.queries)
+    monkeypatch.setattr(editing, "ANCHOR_LIMIT", 3)
+    queries, presets = editing._anchors(model)
+    assert len(queries) == 3 and torch.equal(queries, editing._anchors(model)[0])  # the same sample for this batch
+    rows = [next(i for i, q in enumerate(model.bank.queries) if torch.equal(q, row)) for row in queries]
+    assert len(set(rows)) == 3
+    assert all(torch.equal(p, model.presets[model.bank.ids[i]]) for p, i in zip(presets, rows))
+
+
 def test_forget_makes_an_edit_defer_again(tokenizer):
     model = ElderModel(tiny_llama(), tokenizer, small_config())
     apply_edits(model, EDITS, progress=False)

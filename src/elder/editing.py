@@ -21,6 +21,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 SETTLE_STEPS = 200  # router-only steps before the experts train (settle_routes); each costs well under a millisecond
+ANCHOR_LIMIT = 1024  # earlier edits whose routes anchor_routes keeps per batch, at most
 ROUTE_MARGIN = 1.0  # logit gap settle_routes leaves between a row's preset experts and the others
 
 
@@ -173,11 +174,17 @@ def _settle_routes(model: ElderModel, query: torch.Tensor, presets: torch.Tensor
 
 
 def _anchors(model: ElderModel) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if not model.config.anchor_routes or model.bank.queries is None or len(model.bank) == 0:
+    """Stored queries and presets of earlier edits for anchor_routes: all of them, or a random ANCHOR_LIMIT of them
+    (drawn anew for each batch, reproducibly) once the bank is larger, so a step's cost stays flat as edits grow."""
+    bank = model.bank
+    if not model.config.anchor_routes or bank.quantized_queries is None or len(bank) == 0:
         return None
-    queries = model.bank.queries.to(model.query_device, torch.float32)
-    presets = torch.stack([model.presets[i] for i in model.bank.ids]).to(model.query_device)
-    return queries, presets
+    rows = torch.arange(len(bank))
+    if len(bank) > ANCHOR_LIMIT:
+        generator = torch.Generator().manual_seed(model.config.seed * 1_000_003 + len(bank))
+        rows = torch.randperm(len(bank), generator=generator)[:ANCHOR_LIMIT].sort().values
+    presets = torch.stack([model.presets[bank.ids[i]] for i in rows.tolist()]).to(model.query_device)
+    return bank.query_rows(rows).to(model.query_device), presets
 
 
 def forget(model: ElderModel, edit_id: str) -> None:

@@ -32,9 +32,13 @@ class CodeBank:
     @property
     def queries(self) -> torch.Tensor | None:
         """Every stored query vector (n, d) as fp32, or None when queries are not kept."""
+        return None if self._query_values is None else self.query_rows(torch.arange(len(self.ids)))
+
+    def query_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The stored query vectors at these row indices, as fp32 (queries must be kept)."""
         if self._query_values is None:
-            return None
-        return self._query_values.float() * self._query_scales[:, None]
+            raise ValueError("this code bank keeps no queries")
+        return self._query_values[rows].float() * self._query_scales[rows, None]
 
     @property
     def quantized_queries(self) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -267,10 +267,11 @@ class ElderModel:
     @torch.no_grad()
     def refresh_codes(self, chunk: int = 4096) -> None:
         """Re-derive every stored code from its stored query with the current routers (undoes routing drift)."""
-        queries = self.bank.queries
-        if queries is None or len(self.bank) == 0:
+        if self.bank.quantized_queries is None or len(self.bank) == 0:
             return
-        codes = [self.route(queries[i:i + chunk], defer=False).codes.cpu() for i in range(0, len(queries), chunk)]
+        rows = torch.arange(len(self.bank))
+        codes = [self.route(self.bank.query_rows(rows[i:i + chunk]), defer=False).codes.cpu()
+                 for i in range(0, len(rows), chunk)]
         self.bank.replace_codes(torch.cat(codes))
 
     # --- presets of the guided loss ----------------------------------------------------------------
