@@ -106,6 +106,28 @@ def test_version_1_memories_with_fp16_queries_still_load(saved, tmp_path):
     assert torch.allclose(loaded.bank.queries, model.bank.queries, rtol=1e-2, atol=1e-2 * model.bank.queries.abs().max())
 
 
+def test_a_memory_with_a_missing_or_misshapen_bank_tensor_is_refused(saved, tmp_path):
+    folder, _, tokenizer = saved
+    import shutil
+    from safetensors.torch import load_file, save_file
+    for damage in ("drop", "reshape"):
+        copy = tmp_path / damage
+        shutil.copytree(folder, copy)
+        manifest = json.loads((copy / "memory.json").read_text())
+        tensors = load_file(copy / manifest["tensors"]["file"])
+        if damage == "drop":
+            del tensors["bank.query_scales"]
+        else:
+            tensors["bank.query_scales"] = tensors["bank.query_scales"][:1].contiguous()
+        save_file(tensors, copy / manifest["tensors"]["file"])
+        manifest["tensors"]["sha256"] = persistence._sha256(copy / manifest["tensors"]["file"])
+        (copy / "memory.json").write_text(json.dumps(manifest))
+        base = tiny_llama()
+        with pytest.raises(MemoryFormatError, match="consistent memory"):
+            load_memory(copy, base, tokenizer)
+        assert not getattr(base, "_elder_attached", False)  # the base model is free again
+
+
 def test_a_failed_save_keeps_the_previous_memory(saved, tmp_path, monkeypatch):
     folder, model, tokenizer = saved
     import shutil

@@ -124,8 +124,14 @@ def load_memory(directory: str | os.PathLike, base, tokenizer, base_name: str | 
         for i, fact_id in enumerate(preset_ids):
             model.set_preset(fact_id, tensors["presets"][i])
         model.edit_log = dict(edits)
-    except BaseException:
+    except MemoryFormatError:
         model.detach()  # leave the base model as it was handed in
+        raise
+    except (KeyError, IndexError, ValueError, RuntimeError) as error:  # a tensor missing or of the wrong shape
+        model.detach()
+        raise MemoryFormatError(f"{tensor_path} does not hold a consistent memory: {error!r}") from None
+    except BaseException:
+        model.detach()
         raise
     return model
 

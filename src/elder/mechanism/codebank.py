@@ -61,8 +61,9 @@ class CodeBank:
         if (queries is None) != (self._query_values is None) and len(self.ids) > 0:
             raise ValueError("either every stored code keeps its query or none does")
         if queries is not None:
-            if len(queries) != len(ids):
-                raise ValueError(f"{len(ids)} codes but {len(queries)} queries")
+            if len(queries) != len(ids) or (scales is not None and scales.shape != (len(ids),)):
+                raise ValueError(f"{len(ids)} codes but {len(queries)} queries"
+                                 + ("" if scales is None else f" and {tuple(scales.shape)} scales"))
             values, scales = _quantize(queries) if scales is None else (queries.to(torch.int8), scales.float())
             if self._query_values is not None and values.shape[1] != self._query_values.shape[1]:
                 raise ValueError(f"queries of width {values.shape[1]}, the bank holds {self._query_values.shape[1]}")
