@@ -6,8 +6,9 @@
 Each --config is a JSON object of ELDER settings: a `preset` (default `fast`) plus any ElderConfig field. Every config
 trains the same first T edits, on the edit prompt only, then scores all of them: Rel (teacher-forced token accuracy
 on the edit prompt, also for the first and the last fifth of the stream, which shows forgetting), Gen (each edit's
-first rephrase), and how often the memory answered edit prompts, rephrases and one unrelated (locality) prompt per
-edit; plus the training cost (median seconds per edit, mean steps per batch). For full runs with locality, tuning
+first rephrase), Loc on neighbours (each edit's prompt asked about a subject not edited in the stream, taken from
+the records after it; agreement with the base model's argmax tokens), and how often the memory answered edit
+prompts, rephrases, neighbours and one unrelated (locality) prompt per edit; plus the training cost (median seconds per edit, mean steps per batch). For full runs with locality, tuning
 and retention use `elder bench`; this script is for comparing settings quickly.
 """
 
@@ -20,6 +21,7 @@ import statistics
 import time
 
 from elder.config import ConfigError
+from elder.data import DataError
 from elder.evaluation.datasets import load_benchmark
 from elder.methods.base import TokenPrediction
 from elder.methods.elder import ElderMethod
@@ -31,7 +33,18 @@ def mean(values) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def run(base, tokenizer, name, settings: dict, records) -> dict:
+def neighbours(records, others) -> list[tuple[str, str]]:
+    """(prompt, target) pairs asking each edit's question about a subject that is not edited in the stream (the
+    subject of a later record of the same file): the memory should leave them alone."""
+    subjects = [o.subject for o in others if o.subject]
+    pairs = []
+    for i, r in enumerate(records):
+        if r.subject and r.subject in r.prompt and subjects:
+            pairs.append((r.prompt.replace(r.subject, subjects[i % len(subjects)]), r.target))
+    return pairs
+
+
+def run(base, tokenizer, name, settings: dict, records, others=()) -> dict:
     method = ElderMethod.create(base, tokenizer, name, settings)
     try:
         start = time.perf_counter()
@@ -42,6 +55,9 @@ def run(base, tokenizer, name, settings: dict, records) -> dict:
         rephrases = method.predict([r.rephrases[0] for r in paraphrased], [r.target for r in paraphrased])
         probes = [(r.locality[0].prompt, r.locality[0].answer) for r in records if r.locality and r.locality[0].answer]
         unrelated = method.predict([p for p, _ in probes], [a for _, a in probes])
+        near = neighbours(records, others)
+        near_edited = method.predict([p for p, _ in near], [t for _, t in near])
+        near_base = method.predict([p for p, _ in near], [t for _, t in near], use_edits=False)
     finally:
         method.close()
     fifth = max(1, len(prompts) // 5)
@@ -57,6 +73,9 @@ def run(base, tokenizer, name, settings: dict, records) -> dict:
         "used_prompt": mean(p.used_memory for p in prompts),
         "used_rephrase": mean(p.used_memory for p in rephrases),
         "used_unrelated": mean(p.used_memory for p in unrelated),
+        "used_neighbour": mean(p.used_memory for p in near_edited),
+        "loc_neighbour": mean(mean(a == b for a, b in zip(e.predicted, n.predicted))
+                              for e, n in zip(near_edited, near_base)),
         "learned_when_trained": mean(r.learned for r in results),
         "seconds_per_edit_median": statistics.median(r.seconds for r in results),
         "steps_per_batch_mean": mean(batches.values()),
@@ -83,17 +102,22 @@ def main() -> None:
             parser.error(f"--config {text}: {error}")
         configs.append(settings)
     records = list(load_benchmark(args.data, limit=args.edits).records)
+    try:  # the neighbours' subjects: the records after the stream (none when the file ends with it)
+        others = list(load_benchmark(args.data, offset=args.edits).records)[:args.edits]
+    except DataError:
+        others = []
     base, tokenizer, name = load_base(args.model)
     print(f"model {name}; data {args.data}; first {len(records)} edits, edit prompts only")
-    print(f"{'Rel':>6}{'first 1/5':>10}{'last 1/5':>9}{'Gen':>6}{'used: edit/reph/unrel':>23}{'s/edit':>8}"
+    print(f"{'Rel':>6}{'first 1/5':>10}{'last 1/5':>9}{'Gen':>6}{'Loc nb':>7}{'used: edit/reph/nb/unrel':>26}{'s/edit':>8}"
           f"{'steps':>7}  settings")
     rows = []
     for settings in configs:
-        row = run(base, tokenizer, name, settings, records)
+        row = run(base, tokenizer, name, settings, records, others)
         rows.append(row)
-        used = f"{row['used_prompt']:.2f}/{row['used_rephrase']:.2f}/{row['used_unrelated']:.2f}"
+        used = (f"{row['used_prompt']:.2f}/{row['used_rephrase']:.2f}/{row['used_neighbour']:.2f}/"
+                f"{row['used_unrelated']:.2f}")
         print(f"{100 * row['rel']:>6.1f}{100 * row['rel_first_fifth']:>10.1f}{100 * row['rel_last_fifth']:>9.1f}"
-              f"{100 * row['gen']:>6.1f}{used:>23}{row['seconds_per_edit_median']:>8.2f}"
+              f"{100 * row['gen']:>6.1f}{100 * row['loc_neighbour']:>7.1f}{used:>26}{row['seconds_per_edit_median']:>8.2f}"
               f"{row['steps_per_batch_mean']:>7.1f}  {json.dumps(settings)}", flush=True)
     if args.json_out:
         with open(args.json_out, "w") as out:

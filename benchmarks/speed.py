@@ -34,8 +34,8 @@ class PlainElderModel(ElderModel):
     def run_prefix(self, batch: TeacherForced):
         return None
 
-    def target_logits(self, batch, defer, prefix=None, use_memory=True):
-        with self.routing(batch.query_positions, defer) as session:
+    def target_logits(self, batch, defer, prefix=None, use_memory=True, forced=None):
+        with self.routing(batch.query_positions, defer, forced=forced) as session:
             logits = self.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
         return logits[batch.rows, batch.cols], session.route
 

@@ -74,7 +74,8 @@ def write(tmp_path: Path, rows: list, name: str = "bench.json", jsonl: bool = Fa
 
 def zsre_record(i: int) -> EditRecord:
     d = ZSRE[i]
-    return EditRecord(f"zsre-{i}", d["src"], d["alt"], (d["rephrase"],), (LocalityProbe(d["loc"], d["loc_ans"]),))
+    return EditRecord(f"zsre-{i}", d["src"], d["alt"], (d["rephrase"],), (LocalityProbe(d["loc"], d["loc_ans"]),),
+                      d.get("subject"))
 
 
 def test_zsre_loads_with_kind_or_bare_path(tmp_path):
@@ -101,11 +102,13 @@ def test_counterfact_rome_full_and_reduced(tmp_path):
         ("Danielle Darrieux, a native", "Danielle Darrieux spoke the language"),
         (LocalityProbe("The mother tongue of Léon Blum is", "French"),
          LocalityProbe("Michel Rocard is a native speaker of", "French")),
+        "Danielle Darrieux",
     )
     assert bench.records[1] == EditRecord(
         "cf-1", "The official religion of Edwin of Northumbria is", "Islam",
         ("Edwin of Northumbria follows the religion of",),
         (LocalityProbe("The official religion of Paul is", "Christianity"),),
+        ROME_REDUCED["requested_rewrite"]["subject"],
     )
     assert bench.records[2].locality == (LocalityProbe("Ringo Starr is follower of", "Christianity"),)
 
@@ -116,9 +119,9 @@ def test_counterfact_flattened(tmp_path):
     assert bench.format == "flat"
     assert bench.records == (
         EditRecord("cf-0", FLAT[0]["prompt"], "English", (FLAT[0]["rephrase_prompt"],),
-                   (LocalityProbe("Michel Rocard speaks", "French"),)),
+                   (LocalityProbe("Michel Rocard speaks", "French"),), FLAT[0].get("subject")),
         EditRecord("cf-4", FLAT[1]["prompt"], "Manila", (FLAT[1]["rephrase_prompt"],),
-                   (LocalityProbe("The twin city of Trieste is", "Beirut"),)),
+                   (LocalityProbe("The twin city of Trieste is", "Beirut"),), FLAT[1].get("subject")),
     )
 
 
@@ -129,10 +132,10 @@ def test_wise_shape_without_case_id(tmp_path):
     assert bench.records == (
         EditRecord("wise_temporal-0", "Tesla, Inc.,", "originally known as Tesla Motors",
                    ("Tesla, Inc., an American company,",),
-                   (LocalityProbe("What can we learn from EU", "colleagues in digital banking"),)),
+                   (LocalityProbe("What can we learn from EU", "colleagues in digital banking"),), WISE[0].get("subject")),
         # An empty continuation (as in WISE's own files) becomes a probe without a known answer.
         EditRecord("wise_temporal-1", "This is a Wikipedia passage about Ann", "Ann was a painter.", (),
-                   (LocalityProbe("A whole passage with no continuation."),)),
+                   (LocalityProbe("A whole passage with no continuation."),), WISE[1].get("subject")),
     )
 
 
@@ -335,6 +338,7 @@ def test_real_benchmark_files():
         "zsre-0", "When was the inception of IAAF Combined Events Challenge?", "2006",
         ("When was the IAAF Combined Events Challenge launched?",),
         (LocalityProbe("nq question: what is the name of the last episode of spongebob", "The String"),),
+        "IAAF Combined Events Challenge",
     )
 
     rome = load_benchmark(str(REAL_DATA / "counterfact_rome_full_864.json"))
@@ -350,4 +354,5 @@ def test_real_benchmark_files():
         "cf-0", "The mother tongue of Danielle Darrieux is", "English",
         ("Where Danielle Darrieux is from, people speak the language of",),
         (LocalityProbe("Michel Rocard is a native speaker of", "French"),),
+        "Danielle Darrieux",
     )

@@ -92,7 +92,7 @@ def test_router_runs_once_per_generation_and_the_route_is_kept(tokenizer, monkey
     model = _memory_on_one_prompt(tokenizer, "The capital of Peru is")
     calls = []
     real_route = model.route
-    monkeypatch.setattr(model, "route", lambda q, defer: calls.append(len(q)) or real_route(q, defer))
+    monkeypatch.setattr(model, "route", lambda q, defer, *rest: calls.append(len(q)) or real_route(q, defer, *rest))
     out = model.generate(["The capital of Peru is", "zzzz 12345 qqqq"], max_new_tokens=12)
     assert calls == [2]
     assert [a.used_memory for a in out] == [True, False]

@@ -40,6 +40,18 @@ class ElderConfig:
     epsilon: float = field(
         default=12.0, metadata={"help": "use the memory when the min Hamming distance to a stored code is below this"}
     )
+    deferral: str = field(
+        default="code",
+        metadata={"help": "how an input is matched to the memory: 'code' (the paper: Hamming distance of the router's "
+                          "allocation code) or 'subject_key' (similarity of the prompt's tokens to each edit's subject "
+                          "key; the matched edit's preset allocation is then the route)"},
+    )
+    key_layer: int | None = field(
+        default=None, metadata={"help": "decoder layer whose input gives the subject keys; None: a fifteenth of the depth (SmolLM2: 2)"}
+    )
+    key_threshold: float = field(
+        default=0.6, metadata={"help": "subject_key: the memory is used when the best key similarity reaches this"}
+    )
     refresh_codes: bool = field(
         default=False,
         metadata={"help": "re-derive every stored code after each batch, so old edits' codes follow the routers"},
@@ -94,6 +106,12 @@ class ElderConfig:
             raise ConfigError(f"paraphrase_split must be in [0, 1], got {self.paraphrase_split}")
         if self.first_layer is not None and self.first_layer < 1:
             raise ConfigError("first_layer must be >= 1: the query is read from the layer before it")
+        if self.deferral not in DEFERRALS:
+            raise ConfigError(f"deferral must be one of {', '.join(DEFERRALS)}, got {self.deferral!r}")
+        if not isinstance(self.key_threshold, (int, float)) or not -1.0 <= self.key_threshold <= 1.0:
+            raise ConfigError(f"key_threshold must be a cosine similarity in [-1, 1], got {self.key_threshold!r}")
+        if self.key_layer is not None and (not isinstance(self.key_layer, int) or self.key_layer < 1):
+            raise ConfigError(f"key_layer must be a positive integer, got {self.key_layer!r}")
         if self.module_paths is not None and len(self.module_paths) == 0:
             raise ConfigError("module_paths is empty")
 
@@ -126,6 +144,8 @@ class ElderConfig:
             raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
         return cls(**data)
 
+
+DEFERRALS = ("code", "subject_key")
 
 # The paper's loop is the dataclass default. `fast` settles each batch's routes before its experts train, trains
 # with a high rate and stops once the targets are learned, and keeps old edits routable (see the README for the

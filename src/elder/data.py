@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-_RECORD_KEYS = frozenset({"id", "prompt", "target", "rephrases", "locality"})
+_RECORD_KEYS = frozenset({"id", "prompt", "target", "rephrases", "locality", "subject"})
 _PROBE_KEYS = frozenset({"prompt", "answer"})
 
 
@@ -48,10 +48,13 @@ class EditRecord:
     target: str
     rephrases: tuple[str, ...] = ()
     locality: tuple[LocalityProbe, ...] = ()
+    subject: str | None = None  # what the fact is about, as written in the prompt; keys subject_key deferral
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id.strip():
             raise DataError(f"edit id must be a non-empty string, got {self.id!r}")
+        if self.subject is not None and (not isinstance(self.subject, str) or not self.subject.strip()):
+            raise DataError(f"edit {self.id!r}: subject must be a non-empty string or absent, got {self.subject!r}")
         for name in ("prompt", "target"):
             value = getattr(self, name)
             if not isinstance(value, str):
@@ -98,8 +101,11 @@ class EditRecord:
         if not isinstance(locality, list):
             raise DataError(f"{where}: 'locality' must be a list, got {_type_name(locality)}")
         probes = tuple(_probe_from_json(item, f"{where}: locality {i}") for i, item in enumerate(locality, 1))
+        subject = d.get("subject")
+        if subject is not None and not isinstance(subject, str):
+            raise DataError(f"{where}: 'subject' must be a string, got {_type_name(subject)}")
         try:
-            return cls(record_id, d["prompt"], d["target"], tuple(rephrases), probes)
+            return cls(record_id, d["prompt"], d["target"], tuple(rephrases), probes, subject)
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
 
@@ -111,6 +117,7 @@ class EditRecord:
             "target": self.target,
             "rephrases": list(self.rephrases),
             "locality": [{"prompt": p.prompt, "answer": p.answer} for p in self.locality],
+            **({"subject": self.subject} if self.subject is not None else {}),
         }
 
 

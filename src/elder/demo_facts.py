@@ -88,6 +88,7 @@ def demo_edits(n: int = 24, seed: int = 0) -> list[EditRecord]:
                 target=pairs[order[i]][1],
                 rephrases=tuple(r.format(country=country) for r in _REPHRASES),
                 locality=tuple(LocalityProbe(p) for p in locality),
+                subject=country,
             )
         )
     return records

@@ -43,6 +43,8 @@ class EditResult:
 class _Prepared:
     records: list[EditRecord]
     fact_ids: list[str]  # one per training row: paraphrases share their edit's id and preset
+    prompts: list[str]  # one per training row
+    subjects: list[str | None]  # one per training row: its edit's subject
     batch: TeacherForced
 
 
@@ -76,15 +78,16 @@ def apply_edits(model: ElderModel, records: Sequence[EditRecord], progress: bool
 
 
 def _prepare(model: ElderModel, records: list[EditRecord]) -> _Prepared:
-    fact_ids, prompts, targets = [], [], []
+    fact_ids, prompts, targets, subjects = [], [], [], []
     for record in records:
         for prompt in training_rows(record, model.config.paraphrase_split):
             fact_ids.append(record.id)
             prompts.append(prompt)
             targets.append(record.target)
+            subjects.append(record.subject)
     batch = teacher_forced(model.tokenizer, prompts, targets, model.context_limit, model.config.max_target_tokens,
                            model.input_device)
-    return _Prepared(records, fact_ids, batch)
+    return _Prepared(records, fact_ids, prompts, subjects, batch)
 
 
 def _train_batch(model: ElderModel, item: _Prepared) -> list[EditResult]:
@@ -95,23 +98,25 @@ def _train_batch(model: ElderModel, item: _Prepared) -> list[EditResult]:
     routers = [p for a in model.adapters for p in a.router.parameters()]
     experts = [p for a in model.adapters for p in (a.lora_A, a.lora_B)]
     optimizer = torch.optim.Adam([{"params": experts}, {"params": routers, "lr": cfg.router_lr or cfg.lr}], lr=cfg.lr)
-    anchors = _anchors(model)
+    keyed = cfg.deferral == "subject_key"  # the route is each row's preset: no router to train or settle
+    anchors = None if keyed else _anchors(model)
     prefix = model.run_prefix(batch)  # the layers below the band are frozen: run them once per batch
-    if cfg.settle_routes and prefix is not None and prefix.query is not None:
+    if cfg.settle_routes and not keyed and prefix is not None and prefix.query is not None:
         _settle_routes(model, prefix.query, presets, anchors, routers)
     steps = 0
     while True:
-        logits, route = model.target_logits(batch, defer=False, prefix=prefix)
+        logits, route = model.target_logits(batch, defer=False, prefix=prefix, forced=presets if keyed else None)
         targets = batch.target_ids.to(logits.device)
         learned = bool((logits.argmax(-1) == targets).all())
         margin = cfg.stop_probability == 0.0 or bool(
             (logits.float().log_softmax(-1).gather(-1, targets[:, None]) >= math.log(cfg.stop_probability)).all())
-        routed = _routed(route.scores, presets)
+        routed = keyed or _routed(route.scores, presets)
         if steps == cfg.iterations or (cfg.early_stop and learned and margin and (routed or not cfg.anchor_routes)):
             break
         lm_loss = F.cross_entropy(logits.float(), targets)
-        guide = _guide_loss(model, route.scores, presets, anchors)
-        loss = lm_loss + cfg.guide_weight * guide.to(lm_loss.device)
+        loss = lm_loss
+        if not keyed:
+            loss = loss + cfg.guide_weight * _guide_loss(model, route.scores, presets, anchors).to(lm_loss.device)
         if not torch.isfinite(loss):
             model.adapters.load_state_dict(snapshot)
             raise NonFiniteLossError(f"non-finite loss at step {steps} of the batch starting with edit "
@@ -120,8 +125,9 @@ def _train_batch(model: ElderModel, item: _Prepared) -> list[EditResult]:
         loss.backward()
         optimizer.step()
         steps += 1
-    keep_queries = route.query if cfg.refresh_codes or cfg.anchor_routes else None
-    model.bank.add(item.fact_ids, route.codes, keep_queries)
+    keep_queries = route.query if (cfg.refresh_codes or cfg.anchor_routes) and not keyed else None
+    keys = model.subject_keys(item.prompts, item.subjects) if keyed else None
+    model.bank.add(item.fact_ids, route.codes, keep_queries, keys=keys)
     if cfg.refresh_codes:
         model.refresh_codes()
     seconds = (time.perf_counter() - start) / len(item.records)

@@ -17,8 +17,8 @@ from elder.mechanism import ElderModel
 from elder.mechanism.targets import get_module, num_hidden_layers
 
 FORMAT = "elder-memory"
-FORMAT_VERSION = 2  # 2: stored queries as int8 values plus a scale per row (1 kept them as fp16)
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 3: subject keys (bank.keys); 2: int8 stored queries plus a scale per row; 1: fp16 queries
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "memory.json"
 _FINGERPRINT_VALUES = 256  # leading weights of each adapted module: enough to tell checkpoints apart
 
@@ -36,6 +36,8 @@ def save_memory(model: ElderModel, directory: str | os.PathLike) -> Path:
     if model.bank.quantized_queries is not None:
         values, scales = model.bank.quantized_queries
         tensors["bank.query_values"], tensors["bank.query_scales"] = values.contiguous(), scales.contiguous()
+    if model.bank.keys is not None:
+        tensors["bank.keys"] = model.bank.keys.contiguous()
     preset_ids = list(model.presets)
     if preset_ids:
         tensors["presets"] = torch.stack([model.presets[i] for i in preset_ids]).contiguous()
@@ -120,7 +122,8 @@ def load_memory(directory: str | os.PathLike, base, tokenizer, base_name: str | 
                 queries, scales = tensors["bank.query_values"], tensors["bank.query_scales"]
             else:  # format version 1: fp16 queries, quantized now
                 queries, scales = tensors.get("bank.queries"), None
-            model.bank.add(bank_ids, tensors["bank.codes"].bool(), queries, scales)
+            keys = tensors["bank.keys"] if model.config.deferral == "subject_key" else None
+            model.bank.add(bank_ids, tensors["bank.codes"].bool(), queries, scales, keys=keys)
         for i, fact_id in enumerate(preset_ids):
             model.set_preset(fact_id, tensors["presets"][i])
         model.edit_log = dict(edits)

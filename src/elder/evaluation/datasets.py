@@ -76,6 +76,11 @@ def _case_id(value: Any, where: str) -> str:
     return _text(value, where, "case_id")
 
 
+def _subject(value: Any, where: str) -> str | None:
+    # optional in every format: records without one get a subject guessed from the prompt when it is needed
+    return None if value is None else _text(value, where, "subject")
+
+
 def _from_zsre(d: dict[str, Any], index: int, where: str, stem: str) -> EditRecord:
     return EditRecord(
         f"zsre-{index}",
@@ -84,6 +89,7 @@ def _from_zsre(d: dict[str, Any], index: int, where: str, stem: str) -> EditReco
         _text(d.get("alt"), where, "alt"),
         _texts(d.get("rephrase"), where, "rephrase", allow_str=True),
         (LocalityProbe(_text(d.get("loc"), where, "loc"), _text(d.get("loc_ans"), where, "loc_ans")),),
+        _subject(d.get("subject"), where),
     )
 
 
@@ -122,6 +128,7 @@ def _from_rome(d: dict[str, Any], index: int, where: str, stem: str) -> EditReco
         new,
         _texts(d.get("paraphrase_prompts"), where, "paraphrase_prompts"),
         tuple(LocalityProbe(p, true) for p in prompts),
+        subject,
     )
 
 
@@ -142,7 +149,7 @@ def _from_flat(d: dict[str, Any], index: int, where: str, stem: str) -> EditReco
     probe = LocalityProbe(_text(d.get("locality_prompt"), where, "locality_prompt"), answer)
     return EditRecord(
         record_id, _text(d.get("prompt"), where, "prompt"), _text(d.get("target_new"), where, "target_new"),
-        rephrases, (probe,),
+        rephrases, (probe,), _subject(d.get("subject"), where),
     )
 
 

@@ -20,6 +20,7 @@ class CodeBank:
         self._query_values: torch.Tensor | None = None  # (n, d) int8
         self._query_scales: torch.Tensor | None = None  # (n,) fp32: a row is values * scale
         self._index: _BitIndex | None = None  # inverted index of the stored codes, rebuilt after each change
+        self._keys: torch.Tensor | None = None  # (n, d) fp16 unit subject keys (deferral="subject_key")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -45,13 +46,19 @@ class CodeBank:
         """The stored queries as kept: (int8 values, fp32 scales), or None."""
         return None if self._query_values is None else (self._query_values, self._query_scales)
 
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """Every stored subject key (n, d) fp16, or None when keys are not kept."""
+        return self._keys
+
     def nbytes(self) -> int:
-        """Bytes the bank's codes and queries take in memory (ids not counted)."""
+        """Bytes the bank's codes, queries and keys take in memory (ids not counted)."""
         kept = [self._packed] + ([self._query_values, self._query_scales] if self._query_values is not None else [])
+        kept += [self._keys] if self._keys is not None else []
         return sum(t.numel() * t.element_size() for t in kept)
 
     def add(self, ids: list[str], codes: torch.Tensor, queries: torch.Tensor | None = None,
-            scales: torch.Tensor | None = None) -> None:
+            scales: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> None:
         """Store one code per id (several codes may share an id: an edit and its trained paraphrases).
 
         `queries` are float vectors, quantized here to int8; or already int8 values when their `scales` are given.
@@ -60,6 +67,13 @@ class CodeBank:
             raise ValueError(f"expected codes of shape ({len(ids)}, {self.code_bits}), got {tuple(codes.shape)}")
         if (queries is None) != (self._query_values is None) and len(self.ids) > 0:
             raise ValueError("either every stored code keeps its query or none does")
+        if (keys is None) != (self._keys is None) and len(self.ids) > 0:
+            raise ValueError("either every stored code keeps its subject key or none does")
+        if keys is not None:
+            if len(keys) != len(ids) or (self._keys is not None and keys.shape[1] != self._keys.shape[1]):
+                raise ValueError(f"{len(ids)} codes but subject keys of shape {tuple(keys.shape)}")
+            keys = keys.detach().to("cpu", torch.float16)
+            self._keys = keys if self._keys is None else torch.cat([self._keys, keys])
         if queries is not None:
             if len(queries) != len(ids) or (scales is not None and scales.shape != (len(ids),)):
                 raise ValueError(f"{len(ids)} codes but {len(queries)} queries"
@@ -89,6 +103,8 @@ class CodeBank:
         self._packed = self._packed[index]
         if self._query_values is not None:
             self._query_values, self._query_scales = self._query_values[index], self._query_scales[index]
+        if self._keys is not None:
+            self._keys = self._keys[index]
         self._index = None
         return dropped
 
@@ -99,6 +115,22 @@ class CodeBank:
         if self._index is None:
             self._index = _BitIndex(self.codes)
         return torch.stack([self._index.min_distance(row) for row in codes.detach().cpu()]).to(codes.device)
+
+
+    def best_key(self, states: torch.Tensor, mask: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+        """For unit token states (batch, T, d) and the tokens that count (batch, T): the best cosine similarity of
+        any counted token to any stored key, and that key's row (batch,); -inf and -1 when the bank is empty."""
+        best = torch.full((len(states),), float("-inf"), device=states.device)
+        rows = torch.full((len(states),), -1, dtype=torch.long, device=states.device)
+        if self._keys is None or not self.ids:
+            return best, rows
+        for start in range(0, len(self._keys), chunk):
+            keys = self._keys[start:start + chunk].to(states.device, torch.float32)
+            sims = torch.einsum("btd,nd->btn", states.float(), keys).masked_fill(~mask[:, :, None], float("-inf"))
+            value, row = sims.amax(dim=1).max(dim=-1)  # best token per key, then best key
+            better = value > best
+            best, rows = torch.where(better, value, best), torch.where(better, row + start, rows)
+        return best, rows
 
 
 def _pack(codes: torch.Tensor) -> torch.Tensor:

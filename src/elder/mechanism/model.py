@@ -13,21 +13,22 @@ from torch import nn
 
 from elder.config import ConfigError, ElderConfig
 from elder.mechanism.codebank import CodeBank
-from elder.mechanism.inputs import TeacherForced, context_limit, pad_id, prompt_batch
+from elder.mechanism.inputs import TeacherForced, context_limit, encode_prompt, pad_id, prompt_batch
+from elder.mechanism.keys import CENTERING_TEXT, KEY_LEAD_IN, normalise, subject_position
 from elder.mechanism.layer import MixtureOfLoRA
-from elder.mechanism.targets import get_module, linear_shape, resolve_targets
+from elder.mechanism.targets import get_module, linear_shape, num_hidden_layers, resolve_targets
 
 
 @dataclass
 class Route:
     """The routing decision for a batch, taken once per sequence from its query vector."""
 
-    query: torch.Tensor  # (batch, d) the query vectors, fp32
+    query: torch.Tensor | None  # (batch, d) the query vectors, fp32 (None when deferral="subject_key" reads none)
     scores: torch.Tensor  # (batch, L, N) softmax scores of every router
     weights: torch.Tensor  # (batch, L, N) raw scores of the top-k experts, zero elsewhere and on deferred rows
     codes: torch.Tensor  # (batch, L*N) bool allocation codes
     used: torch.Tensor  # (batch,) bool: the edit memory is used (False: deferred to the base model)
-    distance: torch.Tensor  # (batch,) min Hamming distance to the code bank (0 while training)
+    distance: torch.Tensor  # (batch,) min Hamming distance to the code bank, or 1 - key similarity (0 while training)
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Answer:
     prompt: str
     text: str
     used_memory: bool
-    distance: float  # min Hamming distance of the prompt's code to the code bank
+    distance: float  # min Hamming distance of the prompt's code to the code bank (subject_key: 1 - similarity)
 
 
 @dataclass
@@ -54,6 +55,9 @@ class _Session:
     defer: bool
     route: Route | None = None
     query: torch.Tensor | None = None  # a query computed earlier, used instead of reading one
+    forced: torch.Tensor | None = None  # (batch, L, k) allocations to use as the route (training under subject_key)
+    key_mask: torch.Tensor | None = None  # (batch, T) prompt tokens whose states are matched against subject keys
+    key_states: torch.Tensor | None = None  # (batch, T, d) the key layer's input, read once per prompt
 
 
 class _StopForward(Exception):
@@ -98,6 +102,16 @@ class ElderModel:
         self._session: _Session | None = None
         base.requires_grad_(False)
         self._handles = [get_module(base, self.targets.query_path).register_forward_pre_hook(self._read_query)]
+        self.key_path: str | None = None
+        self.key_center: torch.Tensor | None = None  # (d,) mean key-layer state of neutral text
+        if config.deferral == "subject_key":
+            layer = config.key_layer if config.key_layer is not None else max(1, round(num_hidden_layers(base) / 15))
+            if layer >= self.targets.prefix_length:
+                raise ConfigError(f"key_layer {layer} must lie below the first adapted layer "
+                                  f"({self.targets.prefix_length}), so that the keys do not depend on the experts")
+            self.key_path = f"{self.targets.layers_path}.{layer}"
+            states, mask = self._key_states([encode_prompt(tokenizer, t, self.context_limit) for t in CENTERING_TEXT])
+            self.key_center = states[mask].float().mean(0)
         for index, path in enumerate(self.targets.module_paths):
             self._handles.append(get_module(base, path).register_forward_hook(self._adapter_hook(index)))
         base._elder_attached = True
@@ -105,19 +119,29 @@ class ElderModel:
     # --- routing ---------------------------------------------------------------------------------
 
     @contextmanager
-    def routing(self, positions: torch.Tensor | None = None, defer: bool = True,
-                query: torch.Tensor | None = None) -> Iterator[_Session]:
-        """Within this block, base-model forwards route each sequence once, from its query token."""
+    def routing(self, positions: torch.Tensor | None = None, defer: bool = True, query: torch.Tensor | None = None,
+                forced: torch.Tensor | None = None, key_rows: list[list[int]] | None = None) -> Iterator[_Session]:
+        """Within this block, base-model forwards route each sequence once, from its query token (or, under
+        subject_key deferral, from the match of `key_rows`, each row's prompt token ids, to the subject keys;
+        `forced` sets the route)."""
         if self._session is not None:
             raise RuntimeError("a routing session is already open on this model")
-        self._session = _Session(positions, defer, query=query)
+        session = _Session(positions, defer, query=query, forced=forced)
+        if key_rows is not None and forced is None and self.key_path is not None:
+            session.key_states, session.key_mask = self._key_states(key_rows)  # a forward of its own, done first
+        self._session = session
         try:
             yield self._session
         finally:
             self._session = None
 
-    def route(self, query: torch.Tensor, defer: bool) -> Route:
-        """Route query vectors (batch, d): every router's scores, its top-k, the codes and the deferral."""
+    def route(self, query: torch.Tensor | None, defer: bool, forced: torch.Tensor | None = None,
+              key_states: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> Route:
+        """Route query vectors (batch, d): every router's scores, its top-k, the codes and the deferral. Under
+        subject_key deferral the route is instead the allocation of the edit whose subject key the prompt matches
+        best (or `forced`), used when the match reaches key_threshold."""
+        if self.config.deferral == "subject_key":
+            return self._key_route(query, defer, forced, key_states, key_mask)
         query = query.to(self.query_device, torch.float32)
         scores = self.router_scores(query)
         chosen = torch.zeros_like(scores, dtype=torch.bool)
@@ -132,6 +156,30 @@ class ElderModel:
         weights = scores * (chosen & used[:, None, None])
         return Route(query, scores, weights, codes, used, distance)
 
+    def _key_route(self, query: torch.Tensor | None, defer: bool, forced: torch.Tensor | None,
+                   states: torch.Tensor | None, mask: torch.Tensor | None) -> Route:
+        if forced is not None:
+            allocation = forced.to(self.query_device)
+            used = torch.ones(len(allocation), dtype=torch.bool, device=self.query_device)
+            distance = torch.zeros(len(allocation), device=self.query_device)
+        else:
+            if states is None or mask is None:
+                raise RuntimeError("subject_key deferral needs the key layer's states and the prompt mask")
+            best, rows = self.bank.best_key(normalise(states, self.key_center), mask.to(states.device))
+            best, rows = best.to(self.query_device), rows.to(self.query_device)
+            empty = torch.zeros(len(self.adapters), self.config.top_k, dtype=torch.long)
+            allocation = torch.stack([self.presets[self.bank.ids[r]] if r >= 0 else empty
+                                      for r in rows.tolist()]).to(self.query_device)
+            used = rows >= 0
+            if defer:
+                used &= best >= self.config.key_threshold
+            distance = torch.where(rows >= 0, 1.0 - best, torch.full_like(best, float("inf")))
+        chosen = torch.zeros(len(allocation), len(self.adapters), self.config.num_experts, dtype=torch.bool,
+                             device=self.query_device)
+        chosen.scatter_(-1, allocation, True)
+        weights = (chosen & used[:, None, None]).float()  # each chosen expert at weight 1 (no router to weigh it)
+        return Route(query, chosen.float(), weights, chosen.flatten(1), used, distance)
+
     def router_scores(self, query: torch.Tensor) -> torch.Tensor:
         """Every router's softmax scores (batch, L, N) for query vectors (batch, d), on the query's device."""
         query = query.to(self.query_device, torch.float32)
@@ -142,22 +190,72 @@ class ElderModel:
         session = self._session
         if session is None or session.route is not None:
             return  # outside a session, or a later decoding step that keeps the prompt's route
-        hidden = args[0]
+        session.route = self._session_route(session, args[0])
+
+    def _session_route(self, session: _Session, hidden: torch.Tensor | None = None) -> Route:
         if session.query is not None:
-            session.route = self.route(session.query, session.defer)
+            query = session.query
+        elif hidden is None:
+            query = None
         elif session.positions is None:
             query = hidden[:, -1]
         else:
             query = hidden[torch.arange(len(hidden), device=hidden.device), session.positions.to(hidden.device)]
-        session.route = self.route(query, session.defer)
+        return self.route(query, session.defer, session.forced, session.key_states, session.key_mask)
+
+    @torch.no_grad()
+    def _key_states(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key layer's input (batch, T, d) for prompts given as token ids, each read after one lead-in token,
+        and the mask of the prompts' own tokens (batch, T).
+
+        The keys are read in a forward of their own, through the layers below the key layer only, so that no real
+        token is ever the first: the first position of a sequence carries massive activations (an attention sink)
+        that would make it look unlike itself elsewhere. The lead-in token (BOS, else EOS) takes that role.
+        """
+        start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else pad_id(self.tokenizer)
+        lead = [start, *self.tokenizer(KEY_LEAD_IN, add_special_tokens=False).input_ids]
+        rows = [[*lead, *(row[1:] if row[:1] == [start] else row)] for row in rows]
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), pad_id(self.tokenizer), dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):  # left-padded
+            input_ids[i, width - len(row):] = torch.tensor(row)
+            attention_mask[i, width - len(row):] = 1
+        own = attention_mask.bool().clone()
+        for i, row in enumerate(rows):
+            own[i, width - len(row): width - len(row) + len(lead)] = False  # the lead-in
+        input_ids, attention_mask = input_ids.to(self.input_device), attention_mask.to(self.input_device)
+        captured = {}
+
+        def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured["states"] = (args[0] if args else kwargs["hidden_states"]).detach()
+            raise _StopForward
+
+        handle = get_module(self.base, self.key_path).register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            self.base.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured["states"], own.to(captured["states"].device)
+
+    def subject_keys(self, prompts: list[str], subjects: list[str | None]) -> torch.Tensor:
+        """Unit subject keys (batch, d): each prompt's key-layer state at its subject's last token."""
+        states, mask = self._key_states([encode_prompt(self.tokenizer, p, self.context_limit) for p in prompts])
+        pad = (mask.shape[1] - mask.sum(1)).tolist()  # left padding and lead-in: token i sits at column pad + i
+        columns = [p + subject_position(self.tokenizer, prompt, subject)
+                   for p, prompt, subject in zip(pad, prompts, subjects, strict=True)]
+        picked = states[torch.arange(len(prompts), device=states.device), torch.tensor(columns, device=states.device)]
+        return normalise(picked, self.key_center)
 
     def _adapter_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             session = self._session
             if session is None:
                 return None
-            if session.route is None and session.query is not None:
-                session.route = self.route(session.query, session.defer)  # the query module was replayed
+            if session.route is None and (session.query is not None or session.forced is not None):
+                session.route = self._session_route(session)  # the query module was replayed
             route = session.route
             if route is None:
                 raise RuntimeError(f"adapted layer {self.targets.module_paths[index]} ran before the query module")
@@ -199,7 +297,7 @@ class ElderModel:
         last = get_module(self.base, f"{self.targets.layers_path}.{count - 1}")
         handle = last.register_forward_hook(capture)
         try:
-            with self.routing(batch.query_positions, defer=False) as session:
+            with self.routing(batch.query_positions, defer=False, key_rows=_prompt_rows(batch)) as session:
                 self.base.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         except _StopForward:
             pass
@@ -227,7 +325,7 @@ class ElderModel:
                 layers[i] = layer
 
     def target_logits(self, batch: TeacherForced, defer: bool, prefix: Prefix | None = None,
-                      use_memory: bool = True) -> tuple[torch.Tensor, Route | None]:
+                      use_memory: bool = True, forced: torch.Tensor | None = None) -> tuple[torch.Tensor, Route | None]:
         """Logits at the target positions only (the vocabulary projection of every position is wasted work).
 
         With a `prefix` from run_prefix, the frozen layers below the band are replayed instead of run; with
@@ -236,7 +334,8 @@ class ElderModel:
         kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         if use_memory:
             query = prefix.query if prefix is not None else None
-            with self._replaying(prefix), self.routing(batch.query_positions, defer, query) as session:
+            with self._replaying(prefix), self.routing(batch.query_positions, defer, query, forced,
+                                                       _prompt_rows(batch)) as session:
                 hidden = self.base.base_model(**kwargs).last_hidden_state
             route = session.route
         else:
@@ -255,7 +354,8 @@ class ElderModel:
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                       do_sample=False, num_beams=1, pad_token_id=pad_id(self.tokenizer))
         if use_memory:
-            with self.routing(None, defer=True) as session:
+            rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids.cpu(), attention_mask.cpu())]
+            with self.routing(None, defer=True, key_rows=rows) as session:
                 out = self.base.generate(**kwargs)
             used, distance = session.route.used.tolist(), session.route.distance.tolist()
         else:
@@ -267,8 +367,8 @@ class ElderModel:
     @torch.no_grad()
     def refresh_codes(self, chunk: int = 4096) -> None:
         """Re-derive every stored code from its stored query with the current routers (undoes routing drift)."""
-        if self.bank.quantized_queries is None or len(self.bank) == 0:
-            return
+        if self.bank.quantized_queries is None or len(self.bank) == 0 or self.config.deferral == "subject_key":
+            return  # subject keys come from frozen layers: they cannot drift
         rows = torch.arange(len(self.bank))
         codes = [self.route(self.bank.query_rows(rows[i:i + chunk]), defer=False).codes.cpu()
                  for i in range(0, len(rows), chunk)]
@@ -314,6 +414,12 @@ class ElderModel:
         self._handles = []
         self.base._elder_attached = False
         return self.base
+
+
+def _prompt_rows(batch: TeacherForced) -> list[list[int]]:
+    """The prompt token ids of teacher-forced rows: a key is matched on the prompt, never on the target."""
+    ids, ends = batch.input_ids.cpu(), batch.query_positions.cpu().tolist()
+    return [ids[i, : end + 1].tolist() for i, end in enumerate(ends)]
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -82,10 +82,14 @@ class ElderMethod(EditingMethod):
         """Greedy generations, each prompt routed once."""
         return self.model.generate(list(prompts), max_new_tokens, use_memory=use_edits)
 
-    threshold_name = "epsilon"
+    @property
+    def threshold_name(self) -> str:
+        """The deferral threshold that --tune sets."""
+        return "key_threshold" if self.model.config.deferral == "subject_key" else "epsilon"
 
     def threshold_sweep(self):
-        """(epsilon, predict) for every epsilon that gives distinct decisions, from one pass with and without memory."""
+        """(threshold, predict) for every epsilon that gives distinct decisions (or, under subject_key deferral, a
+        grid of key similarities), from one pass with and without memory."""
         cache: dict = {}
 
         def rows(prompts: Sequence[str], targets: Sequence[str]):
@@ -94,10 +98,22 @@ class ElderMethod(EditingMethod):
                 forced, distances = [], []
                 for batch, logits, route in self._scored(prompts, targets, use_edits=True, defer=False):
                     forced += _rows(batch, logits, [True] * len(route.used))
-                    distances += self.model.bank.min_distance(route.codes).tolist()
+                    if keyed:  # the route is the nearest edit's; its distance is 1 - similarity
+                        distances += route.distance.tolist()
+                    else:
+                        distances += self.model.bank.min_distance(route.codes).tolist()
                 cache[key] = (forced, distances, self.predict(prompts, targets, use_edits=False))
             return cache[key]
 
+        keyed = self.model.config.deferral == "subject_key"
+        if keyed:
+            for similarity in [round(0.5 + 0.025 * i, 3) for i in range(20)]:
+                def predict(prompts: Sequence[str], targets: Sequence[str], similarity: float = similarity):
+                    forced, distances, base = rows(prompts, targets)
+                    return [f if 1.0 - d >= similarity else TokenPrediction(b.predicted, b.target, False)
+                            for f, d, b in zip(forced, distances, base)]
+                yield similarity, predict
+            return
         # codes have k ones per layer, so Hamming distances are even: odd thresholds cover every decision
         for epsilon in range(1, 2 * self.model.config.top_k * len(self.model.adapters) + 2, 2):
             def predict(prompts: Sequence[str], targets: Sequence[str], epsilon: float = float(epsilon)):

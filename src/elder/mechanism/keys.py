@@ -1,0 +1,80 @@
+"""Subject keys: what an edit is about, read from the frozen layers at the subject's last token.
+
+The paper's code follows the question's template (the same question about another country lands on the same
+allocation), so a neighbour is let in and a paraphrase is sent away. A fact is about its subject: the hidden state
+at the subject's last token in a low layer (where ROME and MEMIT also find the subject's representation) names the
+subject whatever words surround it. At inference the subject's position is unknown, so every prompt token is
+compared with every stored key and the best match decides.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+# Neutral sentences whose mean token state centres the keys: raw hidden states share a large common direction (and
+# a few massive activations) that would make every pair of tokens look alike.
+CENTERING_TEXT = (
+    "The weather was mild for most of the week.",
+    "She opened the window and looked at the street below.",
+    "Numbers can be added, subtracted, multiplied and divided.",
+    "A small boat drifted slowly along the river.",
+    "He said that the meeting would start after lunch.",
+    "Most people drink water several times a day.",
+    "The book on the table has a red cover.",
+    "They walked home together when the film ended.",
+    "Music was playing quietly in the next room.",
+    "The price of bread rose again this year.",
+    "Children learn to read at different ages.",
+    "What time does the last train leave tonight?",
+)
+
+# Text every key read starts with (after BOS, else EOS), so that a subject at the start of a prompt is read mid-text,
+# as it is in most prompts, rather than at the first positions, where hidden states behave unlike anywhere else.
+KEY_LEAD_IN = "Note.\n"
+
+_STOPWORDS = frozenset(
+    "a an the of in on at to for from by with and or is are was were be been what which who whom whose when where "
+    "how why does do did that this these those it its as into than then there their his her they he she we you "
+    "i me my our your has have had not no yes can could would should will shall may might must about".split()
+)
+
+
+def guess_subject(prompt: str) -> str:
+    """A subject for a record that names none: the last run of capitalised words after the first word, else the
+    last word that is not a function word, else the last word."""
+    words = re.findall(r"[\w][\w'.-]*", prompt)
+    if not words:
+        return prompt.strip()
+    runs, current = [], []
+    for i, word in enumerate(words):
+        if i > 0 and word[0].isupper():
+            current.append(word)
+        else:
+            if current:
+                runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    if runs:
+        return " ".join(runs[-1]).removesuffix("'s")
+    content = [w for w in words if w.lower() not in _STOPWORDS]
+    return (content or words)[-1]
+
+
+def subject_position(tokenizer, prompt: str, subject: str | None) -> int:
+    """Index of the subject's last token in the tokenised prompt (the subject guessed when absent or not found)."""
+    if subject is None or subject not in prompt:
+        subject = guess_subject(prompt)
+    start = prompt.find(subject)
+    if start < 0:  # the guess itself is always in the prompt, but stay total
+        return len(tokenizer(prompt).input_ids) - 1
+    full = len(tokenizer(prompt).input_ids)
+    return min(len(tokenizer(prompt[: start + len(subject)]).input_ids), full) - 1
+
+
+def normalise(states: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """Centred, unit-length key vectors (..., d), in fp32."""
+    states = states.float() - center.to(states.device)
+    return states / states.norm(dim=-1, keepdim=True).clamp_min(1e-6)

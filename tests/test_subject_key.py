@@ -1,0 +1,82 @@
+"""Subject-key deferral: the memory answers prompts about an edited subject and defers the rest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from elder import EditRecord, ElderModel, apply_edits, load_memory, save_memory
+from elder.config import ConfigError
+from elder.mechanism.keys import guess_subject, subject_position
+from elder.methods.elder import ElderMethod
+
+from conftest import byte_tokenizer, small_config, tiny_llama
+
+EDITS = [EditRecord("zq", "Where does Zorbulaq live? In", " Quem", subject="Zorbulaq"),
+         EditRecord("mw", "The colour of Mirtavej is", " wox", subject="Mirtavej")]
+
+
+def keyed(**overrides) -> ElderModel:
+    config = small_config(**{"deferral": "subject_key", "key_layer": 1, "key_threshold": 0.9, **overrides})
+    return ElderModel(tiny_llama(), byte_tokenizer(), config, "tiny")
+
+
+def test_edited_subjects_use_the_memory_and_other_subjects_defer_bit_for_bit():
+    model = keyed()
+    results = apply_edits(model, EDITS, progress=False)
+    assert all(r.learned for r in results)
+    answers = model.generate(["Where does Zorbulaq live? In", "The colour of Mirtavej is"], max_new_tokens=5)
+    assert [a.used_memory for a in answers] == [True, True]
+    assert [a.text[:len(e.target)] for a, e in zip(answers, EDITS)] == [" Quem", " wox"]
+    # the same question about a subject never edited: deferred, and exactly the base model's answer
+    neighbours = ["Where does Pennimore live? In", "The colour of Habrosk is"]
+    edited = model.generate(neighbours, max_new_tokens=6)
+    plain = model.generate(neighbours, max_new_tokens=6, use_memory=False)
+    assert [a.used_memory for a in edited] == [False, False]
+    assert [a.text for a in edited] == [a.text for a in plain]
+
+
+def test_the_matched_edit_sets_the_route_so_a_new_wording_gets_that_edits_experts():
+    model = keyed(key_threshold=-1.0)  # every prompt is let in: the route alone is under test
+    apply_edits(model, EDITS, progress=False)
+    with model.routing(None, defer=True, key_rows=[model.tokenizer("Tell me of Mirtavej now").input_ids]) as s:
+        model.base(input_ids=torch.tensor([model.tokenizer("Tell me of Mirtavej now").input_ids]))
+    chosen = s.route.weights[0].nonzero()[:, 1].view(len(model.adapters), -1).sort(-1).values
+    assert torch.equal(chosen, model.presets["mw"])
+
+
+def test_subject_keys_survive_a_save_and_load(tmp_path):
+    model = keyed()
+    apply_edits(model, EDITS, progress=False)
+    save_memory(model, tmp_path / "m")
+    restored = load_memory(tmp_path / "m", tiny_llama(), byte_tokenizer(), "tiny")
+    assert torch.equal(restored.bank.keys, model.bank.keys)
+    prompts = ["Where does Zorbulaq live? In", "Where does Pennimore live? In"]
+    assert [a.used_memory for a in restored.generate(prompts, 2)] == [True, False]
+
+
+def test_a_key_layer_inside_the_adapted_band_is_refused():
+    with pytest.raises(ConfigError, match="key_layer 3 must lie below"):
+        keyed(key_layer=3)
+
+
+def test_the_subject_is_guessed_when_a_record_names_none(tokenizer):
+    assert guess_subject("The capital of France is") == "France"
+    assert guess_subject("What is the nationality of raul castro?") == "castro"
+    assert guess_subject("Where was Barack Obama's wife born?") == "Barack Obama"
+    prompt = "The capital of France is"
+    assert subject_position(tokenizer, prompt, "France") == len("The capital of France") - 1  # one token per byte
+    assert subject_position(tokenizer, prompt, None) == subject_position(tokenizer, prompt, "France")
+
+
+def test_tuning_sweeps_the_key_threshold_with_the_same_decisions_as_inference():
+    method = ElderMethod(keyed())
+    method.edit(EDITS)
+    assert method.threshold_name == "key_threshold"
+    sweep = dict(method.threshold_sweep())
+    assert min(sweep) == 0.5 and max(sweep) < 1.0
+    prompts = [EDITS[0].prompt, "Where does Pennimore live? In"]
+    tuned = sweep[0.9](prompts, [EDITS[0].target] * 2)
+    live = method.predict(prompts, [EDITS[0].target] * 2)  # key_threshold is 0.9 in keyed()
+    assert [p.used_memory for p in tuned] == [p.used_memory for p in live] == [True, False]
+    assert tuned == live
