@@ -105,7 +105,7 @@ class ElderModel:
         self.key_path: str | None = None
         self.key_center: torch.Tensor | None = None  # (d,) mean key-layer state of neutral text
         if config.deferral == "subject_key":
-            layer = config.key_layer if config.key_layer is not None else max(1, round(num_hidden_layers(base) / 15))
+            layer = config.key_layer if config.key_layer is not None else max(1, round(2 * num_hidden_layers(base) / 15))
             if layer >= self.targets.prefix_length:
                 raise ConfigError(f"key_layer {layer} must lie below the first adapted layer "
                                   f"({self.targets.prefix_length}), so that the keys do not depend on the experts")
