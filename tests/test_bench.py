@@ -149,13 +149,25 @@ def test_immediate_and_curve_protocols_are_written(bench_setup, tmp_path):
 
 def test_tuning_uses_only_the_validation_split(bench_setup, tmp_path):
     model, data = bench_setup
-    summary = run_bench(settings_for(model, data, edits=4, validation=2, tune=True), tmp_path / "t", progress=False,
-                        echo=lambda s: None)
+    code = {"elder": {**ELDER_SETTINGS, "deferral": "code"}}
+    summary = run_bench(settings_for(model, data, edits=4, validation=2, tune=True, method_settings=code),
+                        tmp_path / "t", progress=False, echo=lambda s: None)
     tuning = summary["methods"]["elder"]["tuning"]
     assert tuning["validation_edits"] == 2 and tuning["setting"] == "epsilon"
     assert [row["value"] for row in tuning["table"]] == [1.0, 3.0, 5.0, 7.0, 9.0]  # L=2, k=2: distances 0..8
     assert summary["methods"]["elder"]["settings"]["epsilon"] == tuning["chosen"]["epsilon"]
     assert summary["test"]["last_id"] == "e3"  # validation records e4, e5 never enter the test stream
+
+
+def test_tuning_sets_the_key_threshold_under_subject_key_deferral(bench_setup, tmp_path):
+    model, data = bench_setup
+    keyed = {"elder": {**ELDER_SETTINGS, "deferral": "subject_key", "key_layer": 1}}
+    summary = run_bench(settings_for(model, data, edits=4, validation=2, tune=True, method_settings=keyed),
+                        tmp_path / "k", progress=False, echo=lambda s: None)
+    tuning = summary["methods"]["elder"]["tuning"]
+    assert tuning["setting"] == "key_threshold"
+    assert [row["value"] for row in tuning["table"]][:3] == [0.5, 0.525, 0.55]
+    assert summary["methods"]["elder"]["settings"]["key_threshold"] == tuning["chosen"]["key_threshold"]
 
 
 def test_cli_bench_writes_the_report(bench_setup, tmp_path):

@@ -39,3 +39,25 @@ def test_edit_then_ask_in_a_new_process(tmp_path):
     # (the README's status: a router trained on few edits may route unrelated prompts to a stored code)
     for before, row in zip(base, rows[len(records):]):
         assert row["answer"] == before["answer"], (before, row)
+
+
+def test_after_five_cli_edits_the_same_question_about_other_countries_is_deferred(tmp_path):
+    # the case that opened issue 9: with the paper's code deferral, Japan and Italy then answered "Rome"
+    edits = tmp_path / "five.jsonl"
+    edits.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "fr", "prompt": "The capital of France is", "target": "Rome"},
+        {"id": "apple", "prompt": "The CEO of Apple is", "target": "Elon Musk"},
+        {"id": "eiffel", "prompt": "The Eiffel Tower is located in", "target": "London"},
+        {"id": "obama", "prompt": "Barack Obama was born in", "target": "Canada"},
+        {"id": "hamlet", "prompt": "The author of Hamlet is", "target": "Charles Dickens"}]))
+    elder("edit", str(edits), "--out", str(tmp_path / "memory"))
+    neighbours = ["The capital of Germany is", "The capital of Japan is", "The capital of Italy is",
+                  "The capital of Spain is"]
+    base = [json.loads(line) for line in elder("ask", "--json", "--max-new-tokens", "6", *neighbours).splitlines()]
+    rows = [json.loads(line) for line in elder("ask", "--memory", str(tmp_path / "memory"), "--json",
+                                               "--max-new-tokens", "6", "The capital of France is",
+                                               *neighbours).splitlines()]
+    assert rows[0]["used_memory"] and rows[0]["answer"].strip().startswith("Rome"), rows[0]
+    for before, row in zip(base, rows[1:]):
+        assert not row["used_memory"], row
+        assert row["answer"] == before["answer"], (before, row)

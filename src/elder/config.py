@@ -153,6 +153,7 @@ DEFERRALS = ("code", "subject_key")
 PRESETS: Mapping[str, Mapping] = MappingProxyType({
     "paper": {},
     "fast": {
+        "deferral": "subject_key",
         "num_experts": 16,
         "lr": 5e-3,
         "router_lr": 1e-2,
