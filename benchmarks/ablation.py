@@ -8,8 +8,9 @@ trains the same first T edits, on the edit prompt only, then scores all of them:
 on the edit prompt, also for the first and the last fifth of the stream, which shows forgetting), Gen (each edit's
 first rephrase), Loc on neighbours (each edit's prompt asked about a subject not edited in the stream, taken from
 the records after it; agreement with the base model's argmax tokens), and how often the memory answered edit
-prompts, rephrases, neighbours and one unrelated (locality) prompt per edit; plus the training cost (median seconds per edit, mean steps per batch). For full runs with locality, tuning
-and retention use `elder bench`; this script is for comparing settings quickly.
+prompts, rephrases, neighbours and one unrelated (locality) prompt per edit; plus the training cost (median seconds
+per edit, mean steps per batch). For full runs with locality, tuning and retention use `elder bench`; this script is
+for comparing settings quickly.
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ def main() -> None:
         others = []
     base, tokenizer, name = load_base(args.model)
     print(f"model {name}; data {args.data}; first {len(records)} edits, edit prompts only")
-    print(f"{'Rel':>6}{'first 1/5':>10}{'last 1/5':>9}{'Gen':>6}{'Loc nb':>7}{'used: edit/reph/nb/unrel':>26}{'s/edit':>8}"
-          f"{'steps':>7}  settings")
+    print(f"{'Rel':>6}{'first 1/5':>10}{'last 1/5':>9}{'Gen':>6}{'Loc nb':>7}{'used: edit/reph/nb/unrel':>26}"
+          f"{'s/edit':>8}{'steps':>7}  settings")
     rows = []
     for settings in configs:
         row = run(base, tokenizer, name, settings, records, others)
@@ -117,8 +118,9 @@ def main() -> None:
         used = (f"{row['used_prompt']:.2f}/{row['used_rephrase']:.2f}/{row['used_neighbour']:.2f}/"
                 f"{row['used_unrelated']:.2f}")
         print(f"{100 * row['rel']:>6.1f}{100 * row['rel_first_fifth']:>10.1f}{100 * row['rel_last_fifth']:>9.1f}"
-              f"{100 * row['gen']:>6.1f}{100 * row['loc_neighbour']:>7.1f}{used:>26}{row['seconds_per_edit_median']:>8.2f}"
-              f"{row['steps_per_batch_mean']:>7.1f}  {json.dumps(settings)}", flush=True)
+              f"{100 * row['gen']:>6.1f}{100 * row['loc_neighbour']:>7.1f}{used:>26}"
+              f"{row['seconds_per_edit_median']:>8.2f}{row['steps_per_batch_mean']:>7.1f}  {json.dumps(settings)}",
+              flush=True)
     if args.json_out:
         with open(args.json_out, "w") as out:
             json.dump(rows, out, indent=2)

@@ -44,7 +44,8 @@ def main() -> None:
     print(f"settings: fast + {json.dumps(overrides)}")
     for (kind, _), edited, unedited in zip(PROBES, model.generate(prompts, 6), plain):
         state = "memory  " if edited.used_memory else "deferred"
-        print(f"{kind:29} {edited.prompt!r:40} {state} {edited.distance:6.3f} {edited.text!r:24} base {unedited.text!r}")
+        print(f"{kind:29} {edited.prompt!r:40} {state} {edited.distance:6.3f} {edited.text!r:24} "
+              f"base {unedited.text!r}")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ class ElderConfig:
                           "key; the matched edit's preset allocation is then the route)"},
     )
     key_layer: int | None = field(
-        default=None, metadata={"help": "decoder layer whose input gives the subject keys; None: 2/15 of the depth (SmolLM2: 4)"}
+        default=None,
+        metadata={"help": "decoder layer whose input gives the subject keys; None: 2/15 of the depth (SmolLM2: 4)"},
     )
     key_threshold: float = field(
         default=0.94, metadata={"help": "subject_key: the memory is used when the best key similarity reaches this"}

@@ -116,8 +116,8 @@ class CodeBank:
             self._index = _BitIndex(self.codes)
         return torch.stack([self._index.min_distance(row) for row in codes.detach().cpu()]).to(codes.device)
 
-
-    def best_key(self, states: torch.Tensor, mask: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    def best_key(self, states: torch.Tensor, mask: torch.Tensor,
+                 chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
         """For unit token states (batch, T, d) and the tokens that count (batch, T): the best cosine similarity of
         any counted token to any stored key, and that key's row (batch,); -inf and -1 when the bank is empty."""
         best = torch.full((len(states),), float("-inf"), device=states.device)

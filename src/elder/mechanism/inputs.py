@@ -79,7 +79,7 @@ def teacher_forced(tokenizer, prompts: list[str], targets: list[str], limit: int
         rows += [row] * len(t)
         cols += range(len(p) - 1, len(p) + len(t) - 1)
         target_ids += t
-    input_ids, attention_mask = _pad(rows_ids, pad_id(tokenizer), left=False)
+    input_ids, attention_mask = pad_rows(rows_ids, pad_id(tokenizer), left=False)
     as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
     return TeacherForced(input_ids.to(device), attention_mask.to(device), as_long(positions), as_long(rows),
                          as_long(cols), as_long(target_ids))
@@ -89,11 +89,12 @@ def prompt_batch(tokenizer, prompts: list[str], limit: int | None,
                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompts for generation: every row's last prompt token sits in the last column."""
     ids = [encode_prompt(tokenizer, prompt, limit) for prompt in prompts]
-    input_ids, attention_mask = _pad(ids, pad_id(tokenizer), left=True)
+    input_ids, attention_mask = pad_rows(ids, pad_id(tokenizer), left=True)
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _pad(sequences: list[list[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(sequences: list[list[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows padded to one width, on the left or the right, and their attention mask."""
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -13,7 +13,7 @@ from torch import nn
 
 from elder.config import ConfigError, ElderConfig
 from elder.mechanism.codebank import CodeBank
-from elder.mechanism.inputs import TeacherForced, context_limit, encode_prompt, pad_id, prompt_batch
+from elder.mechanism.inputs import TeacherForced, context_limit, encode_prompt, pad_id, pad_rows, prompt_batch
 from elder.mechanism.keys import CENTERING_TEXT, KEY_LEAD_IN, normalise, subject_position
 from elder.mechanism.layer import MixtureOfLoRA
 from elder.mechanism.targets import get_module, linear_shape, num_hidden_layers, resolve_targets
@@ -105,7 +105,8 @@ class ElderModel:
         self.key_path: str | None = None
         self.key_center: torch.Tensor | None = None  # (d,) mean key-layer state of neutral text
         if config.deferral == "subject_key":
-            layer = config.key_layer if config.key_layer is not None else max(1, round(2 * num_hidden_layers(base) / 15))
+            depth = num_hidden_layers(base)
+            layer = config.key_layer if config.key_layer is not None else max(1, round(2 * depth / 15))
             if layer >= self.targets.prefix_length:
                 raise ConfigError(f"key_layer {layer} must lie below the first adapted layer "
                                   f"({self.targets.prefix_length}), so that the keys do not depend on the experts")
@@ -205,23 +206,20 @@ class ElderModel:
 
     @torch.no_grad()
     def _key_states(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The key layer's input (batch, T, d) for prompts given as token ids, each read after one lead-in token,
-        and the mask of the prompts' own tokens (batch, T).
+        """The key layer's input (batch, T, d) for prompts given as token ids, each read after a lead-in, and the
+        mask of the prompts' own tokens (batch, T).
 
         The keys are read in a forward of their own, through the layers below the key layer only, so that no real
         token is ever the first: the first position of a sequence carries massive activations (an attention sink)
-        that would make it look unlike itself elsewhere. The lead-in token (BOS, else EOS) takes that role.
+        that would make it look unlike itself elsewhere. The lead-in (BOS, else EOS, then KEY_LEAD_IN) takes that
+        role.
         """
         start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else pad_id(self.tokenizer)
         lead = [start, *self.tokenizer(KEY_LEAD_IN, add_special_tokens=False).input_ids]
         rows = [[*lead, *(row[1:] if row[:1] == [start] else row)] for row in rows]
-        width = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), width), pad_id(self.tokenizer), dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):  # left-padded
-            input_ids[i, width - len(row):] = torch.tensor(row)
-            attention_mask[i, width - len(row):] = 1
-        own = attention_mask.bool().clone()
+        input_ids, attention_mask = pad_rows(rows, pad_id(self.tokenizer), left=True)
+        own = attention_mask.bool()
+        width = own.shape[1]
         for i, row in enumerate(rows):
             own[i, width - len(row): width - len(row) + len(lead)] = False  # the lead-in
         input_ids, attention_mask = input_ids.to(self.input_device), attention_mask.to(self.input_device)
@@ -296,14 +294,16 @@ class ElderModel:
 
         last = get_module(self.base, f"{self.targets.layers_path}.{count - 1}")
         handle = last.register_forward_hook(capture)
+        # under subject_key deferral, training routes are forced to the presets: there is no query to read
+        reading = nullcontext() if self.key_path is not None else self.routing(batch.query_positions, defer=False)
         try:
-            with self.routing(batch.query_positions, defer=False, key_rows=_prompt_rows(batch)) as session:
+            with reading as session:
                 self.base.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         except _StopForward:
             pass
         finally:
             handle.remove()
-        if session.route is None:  # the query module lies above the frozen layers: it is read live
+        if session is None or session.route is None:  # no query, or one above the frozen layers (read live)
             return Prefix(captured["output"], None)
         return Prefix(captured["output"], session.route.query)
 
@@ -334,8 +334,9 @@ class ElderModel:
         kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         if use_memory:
             query = prefix.query if prefix is not None else None
+            key_rows = _prompt_rows(batch) if forced is None and self.key_path is not None else None
             with self._replaying(prefix), self.routing(batch.query_positions, defer, query, forced,
-                                                       _prompt_rows(batch)) as session:
+                                                       key_rows) as session:
                 hidden = self.base.base_model(**kwargs).last_hidden_state
             route = session.route
         else:
@@ -354,7 +355,8 @@ class ElderModel:
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                       do_sample=False, num_beams=1, pad_token_id=pad_id(self.tokenizer))
         if use_memory:
-            rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids.cpu(), attention_mask.cpu())]
+            rows = None if self.key_path is None else [
+                ids[mask.bool()].tolist() for ids, mask in zip(input_ids.cpu(), attention_mask.cpu())]
             with self.routing(None, defer=True, key_rows=rows) as session:
                 out = self.base.generate(**kwargs)
             used, distance = session.route.used.tolist(), session.route.distance.tolist()
@@ -367,8 +369,8 @@ class ElderModel:
     @torch.no_grad()
     def refresh_codes(self, chunk: int = 4096) -> None:
         """Re-derive every stored code from its stored query with the current routers (undoes routing drift)."""
-        if self.bank.quantized_queries is None or len(self.bank) == 0 or self.config.deferral == "subject_key":
-            return  # subject keys come from frozen layers: they cannot drift
+        if self.bank.quantized_queries is None or len(self.bank) == 0:
+            return  # no queries kept (subject_key deferral keeps none: its keys come from frozen layers)
         rows = torch.arange(len(self.bank))
         codes = [self.route(self.bank.query_rows(rows[i:i + chunk]), defer=False).codes.cpu()
                  for i in range(0, len(rows), chunk)]

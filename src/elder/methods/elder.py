@@ -91,6 +91,7 @@ class ElderMethod(EditingMethod):
         """(threshold, predict) for every epsilon that gives distinct decisions (or, under subject_key deferral, a
         grid of key similarities), from one pass with and without memory."""
         cache: dict = {}
+        keyed = self.model.config.deferral == "subject_key"
 
         def rows(prompts: Sequence[str], targets: Sequence[str]):
             key = (tuple(prompts), tuple(targets))
@@ -105,7 +106,6 @@ class ElderMethod(EditingMethod):
                 cache[key] = (forced, distances, self.predict(prompts, targets, use_edits=False))
             return cache[key]
 
-        keyed = self.model.config.deferral == "subject_key"
         if keyed:
             for similarity in [round(0.5 + 0.025 * i, 3) for i in range(20)]:
                 def predict(prompts: Sequence[str], targets: Sequence[str], similarity: float = similarity):
