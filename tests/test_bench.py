@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 from elder.cli import app
 from elder.data import EditRecord, LocalityProbe, write_edits
 from elder.evaluation.harness import BenchSettings, RunError, held_out, run_bench
-from elder.evaluation.metrics import score_edits, summarize
+from elder.evaluation.datasets import with_neighbours
+from elder.evaluation.metrics import (begins_with, generation_scores, ngram_entropy, repeats, score_edits,
+                                      summarize, summarize_generation)
 from elder.methods import METHODS, ElderMethod, TokenPrediction, get_method
 
 ELDER_SETTINGS = {"preset": "fast", **{k: v for k, v in small_config().to_dict().items()
@@ -45,6 +47,63 @@ def test_metrics_match_hand_computed_values():
     assert summary["gen"] == 1.0 and summary["loc"] == 0.75 and summary["used_locality"] == 0.5
     with pytest.raises(ValueError, match="more rows"):
         score_edits(predict, data, lambda r: r.rephrases, base + [(1,)])
+
+
+def test_locality_is_split_by_probe_kind():
+    table = {"p": ((1,), (1,), True), "u1": ((7,), (7,), False), "n1": ((5, 5), (5, 5), True),
+             "u2": ((3,), (3,), True)}
+    predict = lambda prompts, targets: [TokenPrediction(*table[p]) for p in prompts]  # noqa: E731
+    probes = (LocalityProbe("u1", "y"), LocalityProbe("n1", "y", "neighbour"), LocalityProbe("u2", "y"))
+    base = [(7,), (5, 6), (4,)]  # u1 agrees, n1 half, u2 not at all; kinds interleaved in record order
+    (score,) = score_edits(predict, [EditRecord("a", "p", "x", (), probes)], lambda r: (), base, progress=None)
+    assert (score.loc_unrelated, score.loc_neighbour, score.loc) == (0.5, 0.5, 0.5)
+    assert (score.used_unrelated, score.used_neighbour, score.used_locality) == (0.5, 1.0, 2 / 3)
+    assert summarize([score])["loc_neighbour"] == 0.5
+
+
+def test_made_neighbours_ask_the_question_about_a_subject_outside_the_stream():
+    stream = [EditRecord("a", "Who founded Acme?", "Bob", subject="Acme"),
+              EditRecord("b", "Who founded Zeta?", "Al", subject="Zeta"),
+              EditRecord("c", "Where is Ur?", "Iraq", (), (LocalityProbe("Where is Kish?", "Iraq", "neighbour"),), "Ur"),
+              EditRecord("d", "No subject here", "x")]
+    pool = [EditRecord("p", "q", "t", subject="Zeta"), EditRecord("q", "q", "t", subject="Nokia"),
+            EditRecord("r", "q", "t", subject="Kodak")]
+    made = with_neighbours(stream, pool)
+    assert made[0].locality == (LocalityProbe("Who founded Nokia?", "Bob", "neighbour"),)  # Zeta is edited here
+    assert made[1].locality == (LocalityProbe("Who founded Kodak?", "Al", "neighbour"),)
+    assert made[2] == stream[2] and made[3] == stream[3]  # has neighbours already; names no subject
+    assert with_neighbours(stream, []) == tuple(stream)
+
+
+def test_bench_splits_get_neighbours_from_records_outside_them(tmp_path):
+    from elder.evaluation.harness import _splits
+
+    data = tmp_path / "facts.jsonl"
+    write_edits(data, [EditRecord(f"r{i}", f"Who founded S{i}?", "Bob", subject=f"S{i}") for i in range(6)])
+    test, validation = _splits(BenchSettings(data=f"jsonl:{data}", edits=3, validation=1))
+    assert [r.locality[0].prompt for r in test] == ["Who founded S4?", "Who founded S5?", "Who founded S4?"]
+    assert validation[0].locality[0].prompt == "Who founded S4?"
+    plain, _ = _splits(BenchSettings(data=f"jsonl:{data}", edits=3, validation=1, neighbours=False))
+    assert all(not r.locality for r in plain)
+
+
+def test_generation_judges_free_answers():
+    assert begins_with(" rome, the capital", "Rome") and not begins_with(" It is Rome", "Rome")
+    assert repeats(" Lima Lima.", "Lima") and repeats(" Moscow, moscow", "Moscow")
+    assert not repeats(" Lima, Peru. The answer is Lima.", "Lima")
+    assert ngram_entropy("a b a b") == pytest.approx((2 / 3 * 0.9183 + 4 / 3 * 1.0) / 2, abs=1e-4)
+    assert ngram_entropy("one") == 0.0
+    answers = {"Q1": " Lima Lima Lima", "R1": " It is Lima", "Q2": " Oslo is cold"}
+    answer = lambda prompts, use_edits: [answers[p] for p in prompts]  # noqa: E731
+    data = [EditRecord("a", "Q1", "Lima", ("R1",)), EditRecord("b", "Q2", "Oslo")]
+    first, second = generation_scores(answer, data, lambda r: r.rephrases, [" a b c d", " a b c d"])
+    assert (first.rel_gen, first.gen_gen, first.repeated_target) == (1.0, 0.0, 1.0)
+    assert (second.rel_gen, second.gen_gen, second.repeated_target) == (1.0, None, 0.0)
+    summary = summarize_generation([first, second])
+    assert summary["fluency_base"] == pytest.approx(ngram_entropy(" a b c d"))
+    assert summary["fluency_ratio"] == pytest.approx(summary["fluency"] / summary["fluency_base"])
+    with pytest.raises(ValueError, match="1 base answers for 2 records"):
+        generation_scores(answer, data, lambda r: r.rephrases, [" a"])
 
 
 def test_held_out_rephrases_follow_the_training_split():
@@ -181,9 +240,15 @@ def test_cli_bench_writes_the_report(bench_setup, tmp_path):
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     report = (out / "report.md").read_text()
-    assert "| elder |" in report and "s/edit" in report
+    assert "| elder |" in report and "s/edit" in report and "Loc neighbours" in report
+    assert "fluency edited" in report
     summary = json.loads((out / "summary.json").read_text())
     assert summary["methods"]["elder"]["inference"]["edit_prompts"]["ratio"] > 0
+    generation = summary["methods"]["elder"]["generation"]
+    assert generation["edits"] == 4 and 0 <= generation["rel_gen"] <= 1 and generation["fluency_base"] >= 0
+    lines = [json.loads(t) for t in (out / "elder" / "generations.jsonl").read_text().splitlines()]
+    assert [line["id"] for line in lines] == ["e0", "e1", "e2", "e3"]
+    assert len(json.loads((out / "base" / "answers.json").read_text())) == 4
     assert (out / "elder" / "final_by_position.png").exists()
     bad = CliRunner().invoke(app, ["bench", "--data", f"jsonl:{data}", "--out", str(tmp_path / "x"),
                                    "--protocol", "sometimes"])

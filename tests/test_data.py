@@ -18,7 +18,8 @@ def write_lines(tmp_path, lines, name="edits.jsonl"):
 def test_round_trip(tmp_path):
     records = [
         EditRecord("a", "The capital of France is", "Rome", ("France's capital is",),
-                   (LocalityProbe("Water is made of hydrogen and", "oxygen"), LocalityProbe("2 + 2 ="))),
+                   (LocalityProbe("Water is made of hydrogen and", "oxygen"), LocalityProbe("2 + 2 ="),
+                    LocalityProbe("The capital of Peru is", "Lima", "neighbour"))),
         EditRecord("b", "The capital of Japan is", "Cairo – ünïcode\u2028"),
     ]
     path = tmp_path / "out.jsonl"
@@ -52,6 +53,8 @@ def test_from_dict_optional_fields_and_string_probes(tmp_path):
         (json.dumps({**GOOD, "id": "b", "rephrases": "France's capital is"}), "'rephrases'"),
         (json.dumps({**GOOD, "id": "b", "rephrases": [""]}), "rephrase 1"),
         (json.dumps({**GOOD, "id": "b", "locality": [{"prompt": "q", "extra": 1}]}), "locality 1"),
+        (json.dumps({**GOOD, "id": "b", "locality": [{"prompt": "q", "kind": "near"}]}),
+         "kind must be one of unrelated, neighbour, got 'near'"),
         (json.dumps({**GOOD, "id": 7}), "'id' must be a string"),
         (json.dumps({"id": "b", "prompt": "p"}), "missing 'target'"),
         (json.dumps(GOOD), "duplicate id 'a' (first used on line 1)"),

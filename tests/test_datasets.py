@@ -100,17 +100,17 @@ def test_counterfact_rome_full_and_reduced(tmp_path):
     assert bench.records[0] == EditRecord(
         "cf-0", "The mother tongue of Danielle Darrieux is", "English",
         ("Danielle Darrieux, a native", "Danielle Darrieux spoke the language"),
-        (LocalityProbe("The mother tongue of Léon Blum is", "French"),
-         LocalityProbe("Michel Rocard is a native speaker of", "French")),
+        (LocalityProbe("The mother tongue of Léon Blum is", "French", "neighbour"),
+         LocalityProbe("Michel Rocard is a native speaker of", "French", "neighbour")),
         "Danielle Darrieux",
     )
     assert bench.records[1] == EditRecord(
         "cf-1", "The official religion of Edwin of Northumbria is", "Islam",
         ("Edwin of Northumbria follows the religion of",),
-        (LocalityProbe("The official religion of Paul is", "Christianity"),),
+        (LocalityProbe("The official religion of Paul is", "Christianity", "neighbour"),),
         ROME_REDUCED["requested_rewrite"]["subject"],
     )
-    assert bench.records[2].locality == (LocalityProbe("Ringo Starr is follower of", "Christianity"),)
+    assert bench.records[2].locality == (LocalityProbe("Ringo Starr is follower of", "Christianity", "neighbour"),)
 
 
 def test_counterfact_flattened(tmp_path):
@@ -119,9 +119,9 @@ def test_counterfact_flattened(tmp_path):
     assert bench.format == "flat"
     assert bench.records == (
         EditRecord("cf-0", FLAT[0]["prompt"], "English", (FLAT[0]["rephrase_prompt"],),
-                   (LocalityProbe("Michel Rocard speaks", "French"),), FLAT[0].get("subject")),
+                   (LocalityProbe("Michel Rocard speaks", "French", "neighbour"),), FLAT[0].get("subject")),
         EditRecord("cf-4", FLAT[1]["prompt"], "Manila", (FLAT[1]["rephrase_prompt"],),
-                   (LocalityProbe("The twin city of Trieste is", "Beirut"),), FLAT[1].get("subject")),
+                   (LocalityProbe("The twin city of Trieste is", "Beirut", "neighbour"),), FLAT[1].get("subject")),
     )
 
 
@@ -346,13 +346,13 @@ def test_real_benchmark_files():
     first = rome.records[0]
     assert (first.id, first.prompt, first.target) == ("cf-0", "The mother tongue of Danielle Darrieux is", "English")
     assert len(first.rephrases) == 2 and len(first.locality) == 10
-    assert first.locality[0] == LocalityProbe("The mother tongue of Léon Blum is", "French")
+    assert first.locality[0] == LocalityProbe("The mother tongue of Léon Blum is", "French", "neighbour")
 
     mend = load_benchmark(f"counterfact:{REAL_DATA / 'counterfact_mend_edit_10000.json'}")
     assert (mend.format, len(mend.records)) == ("flat", 10000)
     assert mend.records[0] == EditRecord(
         "cf-0", "The mother tongue of Danielle Darrieux is", "English",
         ("Where Danielle Darrieux is from, people speak the language of",),
-        (LocalityProbe("Michel Rocard is a native speaker of", "French"),),
+        (LocalityProbe("Michel Rocard is a native speaker of", "French", "neighbour"),),
         "Danielle Darrieux",
     )

@@ -80,3 +80,22 @@ def test_tuning_sweeps_the_key_threshold_with_the_same_decisions_as_inference():
     live = method.predict(prompts, [EDITS[0].target] * 2)  # key_threshold is 0.9 in keyed()
     assert [p.used_memory for p in tuned] == [p.used_memory for p in live] == [True, False]
     assert tuned == live
+
+
+@pytest.mark.parametrize("span, forwards", [("all", 9), ("target", len(" Quem")), (None, len(" Quem"))])
+def test_answer_span_target_stops_the_experts_once_the_target_is_generated(span, forwards):
+    model = keyed(answer_span=span)
+    apply_edits(model, EDITS, progress=False)
+    calls = []
+    for adapter in model.adapters:
+        real = adapter.delta
+        adapter.delta = lambda x, w, real=real: calls.append(len(x)) or real(x, w)
+    (answer,) = model.generate(["Where does Zorbulaq live? In"], max_new_tokens=9)
+    assert answer.used_memory and answer.text.startswith(" Quem")
+    assert calls == [1] * forwards * len(model.adapters)  # one row, in each adapted layer, on each such forward
+
+
+def test_answer_span_target_needs_a_subject_key():
+    with pytest.raises(ConfigError, match="answer_span='target' needs deferral='subject_key'"):
+        small_config(answer_span="target")
+    assert not small_config().spans_target and small_config(deferral="subject_key").spans_target

@@ -163,6 +163,10 @@ def bench(
     general: Annotated[Optional[Path], typer.Option(help="folder of the 8 general-ability tasks (retention)")] = None,
     general_n: Annotated[int, typer.Option(help="examples per general-ability task")] = 50,
     checkpoint_every: Annotated[int, typer.Option(help="save the method's state every N edits")] = 100,
+    neighbours: Annotated[bool, typer.Option(
+        help="give records without neighbour probes one: their question about a subject outside the stream")] = True,
+    generation_tokens: Annotated[int, typer.Option(
+        help="greedy tokens per answer in the generation scores (0: none)")] = 32,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
 ) -> None:
@@ -186,7 +190,7 @@ def bench(
             method_settings={k: v for k, v in per_method.items() if v}, model=model, dtype=dtype, device=device,
             offset=offset, train_rephrases=train_rephrases, validation=validation, validation_data=validation_data,
             tune=tune, general_data=str(general) if general is not None else None, general_n=general_n,
-            checkpoint_every=checkpoint_every)
+            checkpoint_every=checkpoint_every, neighbours=neighbours, generation_tokens=generation_tokens)
         run_bench(settings, out, progress=True, echo=typer.echo)
     except (*_USER_ERRORS, RunError, GeneralDataError) as error:
         _fail(error)

@@ -53,6 +53,13 @@ class ElderConfig:
     key_threshold: float = field(
         default=0.94, metadata={"help": "subject_key: the memory is used when the best key similarity reaches this"}
     )
+    answer_span: str | None = field(
+        default=None,
+        metadata={"help": "generation: 'all' (the paper: the experts act on every generated token) or 'target' (they "
+                          "act until the matched edit's target has been produced, then the base model goes on; needs "
+                          "deferral='subject_key', which names the matched edit); None: 'target' under subject_key, "
+                          "else 'all'"},
+    )
     refresh_codes: bool = field(
         default=False,
         metadata={"help": "re-derive every stored code after each batch, so old edits' codes follow the routers"},
@@ -109,12 +116,23 @@ class ElderConfig:
             raise ConfigError("first_layer must be >= 1: the query is read from the layer before it")
         if self.deferral not in DEFERRALS:
             raise ConfigError(f"deferral must be one of {', '.join(DEFERRALS)}, got {self.deferral!r}")
+        if self.answer_span is not None and self.answer_span not in ANSWER_SPANS:
+            raise ConfigError(f"answer_span must be one of {', '.join(ANSWER_SPANS)} or None, "
+                              f"got {self.answer_span!r}")
+        if self.answer_span == "target" and self.deferral != "subject_key":
+            raise ConfigError("answer_span='target' needs deferral='subject_key' (only a subject key names the "
+                              "matched edit); set answer_span=all")
         if not isinstance(self.key_threshold, (int, float)) or not -1.0 <= self.key_threshold <= 1.0:
             raise ConfigError(f"key_threshold must be a cosine similarity in [-1, 1], got {self.key_threshold!r}")
         if self.key_layer is not None and (not isinstance(self.key_layer, int) or self.key_layer < 1):
             raise ConfigError(f"key_layer must be a positive integer, got {self.key_layer!r}")
         if self.module_paths is not None and len(self.module_paths) == 0:
             raise ConfigError("module_paths is empty")
+
+    @property
+    def spans_target(self) -> bool:
+        """Whether generation stops the experts once the matched edit's target is out (answer_span resolved)."""
+        return self.answer_span == "target" or (self.answer_span is None and self.deferral == "subject_key")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ElderConfig":
@@ -147,6 +165,7 @@ class ElderConfig:
 
 
 DEFERRALS = ("code", "subject_key")
+ANSWER_SPANS = ("all", "target")
 
 # The paper's loop is the dataclass default. `fast` settles each batch's routes before its experts train, trains
 # with a high rate and stops once the targets are learned, and keeps old edits routable (see the README for the

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 _RECORD_KEYS = frozenset({"id", "prompt", "target", "rephrases", "locality", "subject"})
-_PROBE_KEYS = frozenset({"prompt", "answer"})
+_PROBE_KEYS = frozenset({"prompt", "answer", "kind"})
+LOCALITY_KINDS = ("unrelated", "neighbour")  # another topic; the edit's question about another subject
 
 
 class DataError(ValueError):
@@ -28,10 +29,14 @@ class LocalityProbe:
 
     prompt: str
     answer: str | None = None
+    kind: str = "unrelated"  # one of LOCALITY_KINDS: scored apart, since they test different things
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise DataError(f"locality probe: prompt must be a non-empty string, got {self.prompt!r}")
+        if self.kind not in LOCALITY_KINDS:
+            raise DataError(f"locality probe {self.prompt!r}: kind must be one of {', '.join(LOCALITY_KINDS)}, "
+                            f"got {self.kind!r}")
         if self.answer is not None and (not isinstance(self.answer, str) or not self.answer.strip()):
             raise DataError(
                 f"locality probe {self.prompt!r}: answer must be a non-empty string or None, "
@@ -116,7 +121,8 @@ class EditRecord:
             "prompt": self.prompt,
             "target": self.target,
             "rephrases": list(self.rephrases),
-            "locality": [{"prompt": p.prompt, "answer": p.answer} for p in self.locality],
+            "locality": [{"prompt": p.prompt, "answer": p.answer,
+                          **({"kind": p.kind} if p.kind != "unrelated" else {})} for p in self.locality],
             **({"subject": self.subject} if self.subject is not None else {}),
         }
 
@@ -133,7 +139,7 @@ def _probe_from_json(item: Any, where: str) -> LocalityProbe:
     if "prompt" not in item:
         raise DataError(f"{where}: missing 'prompt'")
     try:
-        return LocalityProbe(item["prompt"], item.get("answer"))
+        return LocalityProbe(item["prompt"], item.get("answer"), item.get("kind", "unrelated"))
     except DataError as e:
         raise DataError(f"{where}: {e}") from None
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -127,7 +128,7 @@ def _from_rome(d: dict[str, Any], index: int, where: str, stem: str) -> EditReco
         template.replace("{}", subject),
         new,
         _texts(d.get("paraphrase_prompts"), where, "paraphrase_prompts"),
-        tuple(LocalityProbe(p, true) for p in prompts),
+        tuple(LocalityProbe(p, true, "neighbour") for p in prompts),
         subject,
     )
 
@@ -146,7 +147,10 @@ def _from_flat(d: dict[str, Any], index: int, where: str, stem: str) -> EditReco
         answer = None
     else:
         answer = _text(answer, where, "locality_ground_truth")
-    probe = LocalityProbe(_text(d.get("locality_prompt"), where, "locality_prompt"), answer)
+    # CounterFact's flattened split asks its locality prompt about another subject with the same relation (a
+    # neighbour); WISE's sets ask about something else entirely
+    kind = "neighbour" if case_id is not None else "unrelated"
+    probe = LocalityProbe(_text(d.get("locality_prompt"), where, "locality_prompt"), answer, kind)
     return EditRecord(
         record_id, _text(d.get("prompt"), where, "prompt"), _text(d.get("target_new"), where, "target_new"),
         rephrases, (probe,), _subject(d.get("subject"), where),
@@ -356,6 +360,23 @@ def _convert(source: _Source, fmt: str, start: int, stop: int) -> tuple[EditReco
         first_index[record.id] = index
         records.append(record)
     return tuple(records)
+
+
+def with_neighbours(records: Sequence[EditRecord], pool: Sequence[EditRecord]) -> tuple[EditRecord, ...]:
+    """Give each record that names its subject in its prompt, and has no neighbour probe, one: its own question
+    asked about the subject of a `pool` record that no record here is about (records of the same file outside the
+    stream), teacher-forced with the edit's target. An edit should leave it alone; ZsRE ships no such probes."""
+    edited = {r.subject.casefold() for r in records if r.subject}
+    subjects = [s for s in dict.fromkeys(r.subject for r in pool if r.subject) if s.casefold() not in edited]
+    out = []
+    for i, record in enumerate(records):
+        if (subjects and record.subject and record.subject in record.prompt
+                and not any(p.kind == "neighbour" for p in record.locality)):
+            prompt = record.prompt.replace(record.subject, subjects[i % len(subjects)])
+            record = dataclasses.replace(
+                record, locality=record.locality + (LocalityProbe(prompt, record.target, "neighbour"),))
+        out.append(record)
+    return tuple(out)
 
 
 def split_benchmark(

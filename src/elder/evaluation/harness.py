@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 
 from elder.data import DataError, EditRecord
 from elder.evaluation import general
-from elder.evaluation.datasets import load_benchmark, split_benchmark
-from elder.evaluation.metrics import EditScore, base_locality, locality_rows, score_edits, score_from_dict, summarize
+from elder.evaluation.datasets import load_benchmark, split_benchmark, with_neighbours
+from elder.evaluation.metrics import (EditScore, GenerationScore, base_locality, generate_all, generation_scores,
+                                      locality_rows, score_edits, score_from_dict, summarize, summarize_generation)
 from elder.methods import EditingMethod, get_method
 
 PROTOCOLS = ("final", "immediate", "curve")
@@ -61,6 +62,8 @@ class BenchSettings:
     general_n: int = 50  # examples per task
     timing_prompts: int = 16  # prompts of each kind in the inference-time comparison
     checkpoint_every: int = 100  # save the method's state after this many edits
+    neighbours: bool = True  # give records without neighbour probes one (datasets.with_neighbours)
+    generation_tokens: int = 32  # greedy tokens per answer in the generation scores; 0: no generation scores
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -68,6 +71,9 @@ class BenchSettings:
         for name in ("edits", "curve_every", "checkpoint_every", "general_n", "timing_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if isinstance(self.generation_tokens, bool) or not isinstance(self.generation_tokens, int) \
+                or self.generation_tokens < 0:
+            raise ValueError(f"generation_tokens must be an integer >= 0, got {self.generation_tokens!r}")
         if not 0 <= self.train_rephrases <= 1:
             raise ValueError(f"train_rephrases must be in [0, 1], got {self.train_rephrases}")
         if self.tune and self.validation < 1:
@@ -137,17 +143,26 @@ def _claim_folder(out: Path, settings: BenchSettings) -> None:
 
 
 def _splits(settings: BenchSettings) -> tuple[tuple[EditRecord, ...], tuple[EditRecord, ...]]:
+    """The test and validation records; with `neighbours`, each gets neighbour probes whose subjects come from the
+    records of its own file outside both splits."""
+    every = load_benchmark(settings.data).records
     if settings.validation_data is None:
         bench = load_benchmark(settings.data, limit=settings.edits + settings.validation, offset=settings.offset)
-        return split_benchmark(bench, settings.edits, settings.validation)
-    test = load_benchmark(settings.data, limit=settings.edits, offset=settings.offset).records
-    if settings.validation == 0:
-        return test, ()
-    validation = load_benchmark(settings.validation_data, limit=settings.validation).records
-    shared = {r.prompt for r in test} & {r.prompt for r in validation}
-    if shared:
-        raise DataError(f"the validation data shares {len(shared)} edit prompts with the test split")
-    return test, validation
+        test, validation = split_benchmark(bench, settings.edits, settings.validation)
+        pools = [every[:settings.offset] + every[settings.offset + settings.edits + settings.validation:]] * 2
+    else:
+        test = load_benchmark(settings.data, limit=settings.edits, offset=settings.offset).records
+        validation, other = (), ()
+        if settings.validation:
+            validation = load_benchmark(settings.validation_data, limit=settings.validation).records
+            other = load_benchmark(settings.validation_data).records[settings.validation:]
+            shared = {r.prompt for r in test} & {r.prompt for r in validation}
+            if shared:
+                raise DataError(f"the validation data shares {len(shared)} edit prompts with the test split")
+        pools = [every[:settings.offset] + every[settings.offset + settings.edits:], other]
+    if not settings.neighbours:
+        return test, validation
+    return with_neighbours(test, pools[0]), with_neighbours(validation, pools[1])
 
 
 def _run_method(name: str, settings: BenchSettings, folder: Path, base_folder: Path, test, validation, base,
@@ -169,19 +184,25 @@ def _run_method(name: str, settings: BenchSettings, folder: Path, base_folder: P
         method = cls.create(base, tokenizer, base_name, method_settings)
     try:
         clock.lap("loading")
-        base_tokens = _cached(base_folder / "locality.json", lambda: [list(t) for t in base_locality(method, test)])
+        bar = (lambda title: title) if progress else (lambda title: None)  # noqa: E731
+        base_tokens = _cached(base_folder / "locality.json",
+                              lambda: [list(t) for t in base_locality(method, test, bar("base locality"))])
         base_tokens = [tuple(t) for t in base_tokens]
         offsets = _locality_offsets(test)
         unedited = _cached(base_folder / "unedited.json", lambda: summarize(score_edits(
-            lambda p, t: method.predict(p, t, use_edits=False), test, scored, base_tokens)))
+            lambda p, t: method.predict(p, t, use_edits=False), test, scored, base_tokens, bar("base scores"))))
         clock.lap("base_model_scores")
         _edit_stream(method, settings, folder, test, trained, scored, base_tokens, offsets, progress)
         clock.lap("editing")
-        scores = _final_scores(method, folder, test, scored, base_tokens)
+        scores = _final_scores(method, folder, test, scored, base_tokens, bar("final scores"))
         clock.lap("final_scoring")
         result = {"method": name, "settings": method.settings, "final": summarize(scores), "unedited": unedited}
+        if settings.generation_tokens:
+            result["generation"] = summarize_generation(
+                _generations(method, settings, folder, base_folder, test, scored, bar))
+            clock.lap("generation_scoring")
         result["cost"] = _cost(folder)
-        result["inference"] = _inference_time(method, test, settings.timing_prompts)
+        result["inference"] = _inference_time(method, test, settings.timing_prompts, progress=progress)
         clock.lap("inference_timing")
         if settings.general_data is not None:
             result["general"] = _retention(method, settings, base_folder, folder, progress)
@@ -195,8 +216,9 @@ def _run_method(name: str, settings: BenchSettings, folder: Path, base_folder: P
         result["wall_seconds_this_invocation"] = clock.laps  # phases cached by an earlier invocation take ~0 s
         _write_json(folder / "summary.json", result)
         final = result["final"]
-        echo(f"{name}: Rel {final['rel']:.3f}  Gen {_fmt(final['gen'])}  Loc {_fmt(final['loc'])}  "
-             f"after {len(test)} edits ({result['cost']['seconds_per_edit_median']:.2f} s/edit median)")
+        echo(f"{name}: Rel {final['rel']:.3f}  Gen {_fmt(final['gen'])}  Loc {_fmt(final['loc'])} (unrelated "
+             f"{_fmt(final['loc_unrelated'])}, neighbours {_fmt(final['loc_neighbour'])})  after {len(test)} edits "
+             f"({result['cost']['seconds_per_edit_median']:.2f} s/edit median)")
     finally:
         base = method.close()
     return result, base
@@ -245,12 +267,29 @@ def _edit_stream(method: EditingMethod, settings: BenchSettings, folder: Path, t
         method.save(folder / "memory")
 
 
-def _final_scores(method: EditingMethod, folder: Path, test, scored, base_tokens) -> list[EditScore]:
+def _final_scores(method: EditingMethod, folder: Path, test, scored, base_tokens,
+                  progress: str | None = None) -> list[EditScore]:
     path = folder / "scores.jsonl"
     lines = _read_lines(path)
     if [line["id"] for line in lines] == [r.id for r in test]:
         return [score_from_dict(line) for line in lines]  # already scored after this very stream
-    scores = score_edits(method.predict, test, scored, base_tokens)
+    scores = score_edits(method.predict, test, scored, base_tokens, progress)
+    _rewrite_lines(path, [s.to_dict() for s in scores])
+    return scores
+
+
+def _generations(method: EditingMethod, settings: BenchSettings, folder: Path, base_folder: Path, test, scored,
+                 bar) -> list[GenerationScore]:
+    """Greedy answers of the base model (shared by all methods) and of the edited one, judged per edit."""
+    path = folder / "generations.jsonl"
+    lines = _read_lines(path)
+    if [line["id"] for line in lines] == [r.id for r in test]:
+        return [GenerationScore(**line) for line in lines]
+    answer = lambda prompts, use_edits: [  # noqa: E731
+        a.text for a in method.answer(prompts, settings.generation_tokens, use_edits=use_edits)]
+    base = _cached(base_folder / "answers.json",
+                   lambda: generate_all(answer, [r.prompt for r in test], False, bar("base answers")))
+    scores = generation_scores(answer, test, scored, base, bar("edited answers"))
     _rewrite_lines(path, [s.to_dict() for s in scores])
     return scores
 
@@ -318,17 +357,20 @@ def _cost(folder: Path) -> dict:
     }
 
 
-def _inference_time(method: EditingMethod, test, count: int, max_new_tokens: int = 16, repeats: int = 5) -> dict:
+def _inference_time(method: EditingMethod, test, count: int, max_new_tokens: int = 16, repeats: int = 5,
+                    progress: bool = False) -> dict:
     """Greedy generation time, edited over base, on edit prompts and on unrelated prompts, interleaved."""
+    unrelated = [p.prompt for r in test for p in r.locality if p.kind == "unrelated"]
     groups = {"edit_prompts": [r.prompt for r in test[:count]],
-              "unrelated_prompts": [p for p, _ in locality_rows(test)][:count]}
+              "unrelated_prompts": (unrelated or [p for p, _ in locality_rows(test)])[:count]}
     out = {}
     for kind, prompts in groups.items():
         if not prompts:
             continue
         times = {True: [], False: []}
         method.answer(prompts[:1], 1)  # warm-up
-        for repeat in range(repeats):
+        for repeat in tqdm(range(repeats), desc=f"timing {kind.replace('_', ' ')}", disable=not progress,
+                           leave=False):
             for use_edits in ((False, True) if repeat % 2 == 0 else (True, False)):  # alternate: drift cancels
                 start = time.perf_counter()
                 answers = method.answer(prompts, max_new_tokens, use_edits=use_edits)

@@ -55,22 +55,37 @@ def markdown(summary: dict, out_folder: Path) -> str:
              f"{summary['machine']['cpu_count']} CPUs, torch {summary['machine']['torch']}"
              + (f", {summary['machine']['cuda_device']}" if "cuda_device" in summary["machine"] else "") + ".", "",
              "Scores in % after all edits (final protocol). Rel/Gen: teacher-forced token accuracy of the target "
-             "(EasyEdit's rewrite_acc/rephrase_acc); Loc: agreement with the base model's tokens on unrelated "
-             "prompts; EM: every target token right (= greedy generation equals the target).", "",
-             "| method | Rel | Gen | Loc | Rel EM | Gen EM | memory used: edits / rephrases / unrelated | retention (edited/base) | s/edit median (p90) | gen. time ratio: edits / unrelated |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "(EasyEdit's rewrite_acc/rephrase_acc); Loc: agreement with the base model's tokens on the locality "
+             "prompts, all of them and split by kind: unrelated (another topic) and neighbours (the edit's question "
+             "about another subject); EM: every target token right (= greedy generation equals the target).", "",
+             "| method | Rel | Gen | Loc | Loc unrelated | Loc neighbours | Rel EM | Gen EM | memory used: edits / rephrases / unrelated / neighbours | retention (edited/base) | s/edit median (p90) | gen. time ratio: edits / unrelated |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     first = next(iter(summary["methods"].values()))
     u = first["unedited"]  # the same base model and records for every method
     lines.append(f"| base model, no edits | {_pct(u['rel'])} | {_pct(u['gen'])} | {_pct(u['loc'])} | "
+                 f"{_pct(u.get('loc_unrelated'))} | {_pct(u.get('loc_neighbour'))} | "
                  f"{_pct(u['rel_em'])} | {_pct(u['gen_em'])} | | | | |")
     for name, r in summary["methods"].items():
         f, c, inf = r["final"], r["cost"], r.get("inference", {})
         retention = r.get("general", {}).get("average", {}).get("ratio")
+        used = " / ".join(_pct(f.get(k)) for k in ("used_prompt", "used_rephrase", "used_unrelated", "used_neighbour"))
         lines.append(
-            f"| {name} | {_pct(f['rel'])} | {_pct(f['gen'])} | {_pct(f['loc'])} | {_pct(f['rel_em'])} | "
-            f"{_pct(f['gen_em'])} | {_pct(f['used_prompt'])} / {_pct(f['used_rephrase'])} / {_pct(f['used_locality'])} | "
+            f"| {name} | {_pct(f['rel'])} | {_pct(f['gen'])} | {_pct(f['loc'])} | {_pct(f.get('loc_unrelated'))} | "
+            f"{_pct(f.get('loc_neighbour'))} | {_pct(f['rel_em'])} | {_pct(f['gen_em'])} | {used} | "
             f"{_ratio(retention)} | {c['seconds_per_edit_median']:.2f} ({c['seconds_per_edit_p90']:.2f}) | "
             f"{_ratio(inf.get('edit_prompts', {}).get('ratio'))} / {_ratio(inf.get('unrelated_prompts', {}).get('ratio'))} |")
+    generated = {name: r["generation"] for name, r in summary["methods"].items() if "generation" in r}
+    if generated:
+        lines += ["", f"Free greedy answers ({s.get('generation_tokens')} tokens): Rel/Gen is the % of answers to the "
+                  "edit prompt / held-out rephrases that begin with the target; fluency is ROME's n-gram entropy of "
+                  "the answers to the edit prompts, edited and base model; repeated target: % of edited answers "
+                  "that state the target twice in a row (\"Lima Lima\").", "",
+                  "| method | Rel (generated) | Gen (generated) | fluency edited | fluency base | edited/base | "
+                  "repeated target |", "|---|---|---|---|---|---|---|"]
+        for name, g in generated.items():
+            lines.append(f"| {name} | {_pct(g['rel_gen'])} | {_pct(g['gen_gen'])} | {_ratio(g['fluency'])} | "
+                         f"{_ratio(g['fluency_base'])} | {_ratio(g['fluency_ratio'])} | "
+                         f"{_pct(g['repeated_target'])} |")
     for name, r in summary["methods"].items():
         c = r["cost"]
         lines += ["", f"## {name}", "",

@@ -13,7 +13,8 @@ from torch import nn
 
 from elder.config import ConfigError, ElderConfig
 from elder.mechanism.codebank import CodeBank
-from elder.mechanism.inputs import TeacherForced, context_limit, encode_prompt, pad_id, pad_rows, prompt_batch
+from elder.mechanism.inputs import (TeacherForced, context_limit, encode_prompt, encode_target, pad_id, pad_rows,
+                                    prompt_batch)
 from elder.mechanism.keys import CENTERING_TEXT, KEY_LEAD_IN, normalise, subject_position
 from elder.mechanism.layer import MixtureOfLoRA
 from elder.mechanism.targets import get_module, linear_shape, num_hidden_layers, resolve_targets
@@ -29,6 +30,7 @@ class Route:
     codes: torch.Tensor  # (batch, L*N) bool allocation codes
     used: torch.Tensor  # (batch,) bool: the edit memory is used (False: deferred to the base model)
     distance: torch.Tensor  # (batch,) min Hamming distance to the code bank, or 1 - key similarity (0 while training)
+    edits: torch.Tensor | None = None  # (batch,) subject_key: bank row of the matched edit, -1 for none
 
 
 @dataclass
@@ -58,6 +60,9 @@ class _Session:
     forced: torch.Tensor | None = None  # (batch, L, k) allocations to use as the route (training under subject_key)
     key_mask: torch.Tensor | None = None  # (batch, T) prompt tokens whose states are matched against subject keys
     key_states: torch.Tensor | None = None  # (batch, T, d) the key layer's input, read once per prompt
+    answer: tuple[list[str], list[list[int]]] | None = None  # generation under answer_span='target': prompts, ids
+    span: torch.Tensor | None = None  # (batch,) forwards of the generation that use the experts (None: all)
+    step: int = 0  # forwards since the route was taken: the generated token each forward produces
 
 
 class _StopForward(Exception):
@@ -121,13 +126,17 @@ class ElderModel:
 
     @contextmanager
     def routing(self, positions: torch.Tensor | None = None, defer: bool = True, query: torch.Tensor | None = None,
-                forced: torch.Tensor | None = None, key_rows: list[list[int]] | None = None) -> Iterator[_Session]:
+                forced: torch.Tensor | None = None, key_rows: list[list[int]] | None = None,
+                answer: list[str] | None = None) -> Iterator[_Session]:
         """Within this block, base-model forwards route each sequence once, from its query token (or, under
         subject_key deferral, from the match of `key_rows`, each row's prompt token ids, to the subject keys;
-        `forced` sets the route)."""
+        `forced` sets the route). With `answer`, the prompts of a generation, and answer_span='target', each row's
+        experts stop once its matched edit's target has been generated."""
         if self._session is not None:
             raise RuntimeError("a routing session is already open on this model")
         session = _Session(positions, defer, query=query, forced=forced)
+        if answer is not None and key_rows is not None and self.config.spans_target:
+            session.answer = (answer, key_rows)
         if key_rows is not None and forced is None and self.key_path is not None:
             session.key_states, session.key_mask = self._key_states(key_rows)  # a forward of its own, done first
         self._session = session
@@ -179,7 +188,8 @@ class ElderModel:
                              device=self.query_device)
         chosen.scatter_(-1, allocation, True)
         weights = (chosen & used[:, None, None]).float()  # each chosen expert at weight 1 (no router to weigh it)
-        return Route(query, chosen.float(), weights, chosen.flatten(1), used, distance)
+        edits = None if forced is not None else rows
+        return Route(query, chosen.float(), weights, chosen.flatten(1), used, distance, edits)
 
     def router_scores(self, query: torch.Tensor) -> torch.Tensor:
         """Every router's softmax scores (batch, L, N) for query vectors (batch, d), on the query's device."""
@@ -189,9 +199,23 @@ class ElderModel:
 
     def _read_query(self, module: nn.Module, args: tuple) -> None:
         session = self._session
-        if session is None or session.route is not None:
-            return  # outside a session, or a later decoding step that keeps the prompt's route
+        if session is None:
+            return
+        if session.route is not None:
+            session.step += 1  # a later decoding step: it keeps the prompt's route
+            return
         session.route = self._session_route(session, args[0])
+        if session.answer is not None:
+            session.span = self._answer_span(session.route, *session.answer)
+
+    def _answer_span(self, route: Route, prompts: list[str], rows: list[list[int]]) -> torch.Tensor:
+        """Per row, the generation forwards that use the experts: one for each token of the matched edit's target
+        as it continues this prompt (the forward that follows the target's last token is the base model's)."""
+        span = []
+        for prompt, ids, edit in zip(prompts, rows, route.edits.tolist(), strict=True):
+            target = self.edit_log[self.bank.ids[edit]]["record"]["target"] if edit >= 0 else None
+            span.append(len(encode_target(self.tokenizer, ids, prompt, target, 1 << 30)) if target else 0)
+        return torch.tensor(span, device=route.used.device)
 
     def _session_route(self, session: _Session, hidden: torch.Tensor | None = None) -> Route:
         if session.query is not None:
@@ -260,9 +284,10 @@ class ElderModel:
             x = args[0]
             if len(x) != len(route.used):
                 raise RuntimeError("the batch changed size after routing (beam search is not supported)")
-            rows = route.used.nonzero().squeeze(-1).to(x.device)
+            used = route.used if session.span is None else route.used & (session.step < session.span)
+            rows = used.nonzero().squeeze(-1).to(x.device)
             if len(rows) == 0:
-                return None  # every row deferred: the base output, untouched
+                return None  # every row deferred (or past its answer span): the base output, untouched
             delta = self.adapters[index].delta(x[rows], route.weights[:, index].to(x.device)[rows])
             # rows that defer are not touched at all, so they equal the base model bit for bit
             return output.index_copy(0, rows, (output[rows].float() + delta).to(output.dtype))
@@ -357,7 +382,7 @@ class ElderModel:
         if use_memory:
             rows = None if self.key_path is None else [
                 ids[mask.bool()].tolist() for ids, mask in zip(input_ids.cpu(), attention_mask.cpu())]
-            with self.routing(None, defer=True, key_rows=rows) as session:
+            with self.routing(None, defer=True, key_rows=rows, answer=prompts) as session:
                 out = self.base.generate(**kwargs)
             used, distance = session.route.used.tolist(), session.route.distance.tolist()
         else:
