@@ -99,3 +99,25 @@ def test_answer_span_target_needs_a_subject_key():
     with pytest.raises(ConfigError, match="answer_span='target' needs deferral='subject_key'"):
         small_config(answer_span="target")
     assert not small_config().spans_target and small_config(deferral="subject_key").spans_target
+
+
+def test_replay_trains_earlier_learned_edits_beside_the_new_batch():
+    from elder.editing import _prepare, _replayed
+
+    model = keyed(replay=2, batch_size=1)
+    apply_edits(model, EDITS, progress=False)
+    assert len(model.bank) == 2 and list(model.edit_log) == ["zq", "mw"]  # replayed rows store no second key
+    model.edit_log["zq"]["learned"] = False  # an edit never learned would keep every later batch training
+    item = _prepare(model, [EditRecord("nv", "The home of Nuvelt is", " Pra", subject="Nuvelt")])
+    fact_ids, batch = _replayed(model, item)
+    assert fact_ids == ["nv", "mw"] and _replayed(model, item)[0] == fact_ids  # drawn reproducibly
+    assert batch.input_ids.shape[0] == 2
+    plain = keyed(batch_size=1)
+    assert _replayed(plain, item) == (item.fact_ids, item.batch)
+
+
+def test_replay_needs_a_subject_key():
+    with pytest.raises(ConfigError, match="replay needs deferral='subject_key'"):
+        small_config(replay=4)
+    with pytest.raises(ConfigError, match="replay must be an integer >= 0"):
+        small_config(deferral="subject_key", replay=-1)

@@ -60,6 +60,11 @@ class ElderConfig:
                           "deferral='subject_key', which names the matched edit); None: 'target' under subject_key, "
                           "else 'all'"},
     )
+    replay: int = field(
+        default=0,
+        metadata={"help": "earlier edits trained again beside each new batch, drawn at random (0: none, the paper); "
+                          "needs deferral='subject_key', whose routes are each edit's preset"},
+    )
     refresh_codes: bool = field(
         default=False,
         metadata={"help": "re-derive every stored code after each batch, so old edits' codes follow the routers"},
@@ -116,6 +121,11 @@ class ElderConfig:
             raise ConfigError("first_layer must be >= 1: the query is read from the layer before it")
         if self.deferral not in DEFERRALS:
             raise ConfigError(f"deferral must be one of {', '.join(DEFERRALS)}, got {self.deferral!r}")
+        if isinstance(self.replay, bool) or not isinstance(self.replay, int) or self.replay < 0:
+            raise ConfigError(f"replay must be an integer >= 0, got {self.replay!r}")
+        if self.replay and self.deferral != "subject_key":
+            raise ConfigError("replay needs deferral='subject_key' (an earlier edit's route is then its preset); "
+                              "set replay=0")
         if self.answer_span is not None and self.answer_span not in ANSWER_SPANS:
             raise ConfigError(f"answer_span must be one of {', '.join(ANSWER_SPANS)} or None, "
                               f"got {self.answer_span!r}")
@@ -174,6 +184,7 @@ PRESETS: Mapping[str, Mapping] = MappingProxyType({
     "paper": {},
     "fast": {
         "deferral": "subject_key",
+        "replay": 8,
         "num_experts": 16,
         "lr": 5e-3,
         "router_lr": 1e-2,

@@ -45,6 +45,7 @@ class _Prepared:
     fact_ids: list[str]  # one per training row: paraphrases share their edit's id and preset
     prompts: list[str]  # one per training row
     subjects: list[str | None]  # one per training row: its edit's subject
+    targets: list[str]  # one per training row
     batch: TeacherForced
 
 
@@ -87,13 +88,35 @@ def _prepare(model: ElderModel, records: list[EditRecord]) -> _Prepared:
             subjects.append(record.subject)
     batch = teacher_forced(model.tokenizer, prompts, targets, model.context_limit, model.config.max_target_tokens,
                            model.input_device)
-    return _Prepared(records, fact_ids, prompts, subjects, batch)
+    return _Prepared(records, fact_ids, prompts, subjects, targets, batch)
+
+
+def _replayed(model: ElderModel, item: _Prepared) -> tuple[list[str], TeacherForced]:
+    """The batch's training rows plus those of `replay` earlier edits drawn at random (reproducibly, anew for each
+    batch), and their fact ids: training them again keeps the experts they share with the new edits on their
+    answers."""
+    earlier = [edit_id for edit_id, entry in model.edit_log.items() if entry["learned"]]  # others never stop
+    count = min(model.config.replay, len(earlier))
+    if count == 0:
+        return item.fact_ids, item.batch
+    generator = torch.Generator().manual_seed(model.config.seed * 1_000_003 + len(earlier))
+    picked = [earlier[i] for i in torch.randperm(len(earlier), generator=generator)[:count].sort().values.tolist()]
+    fact_ids, prompts, targets = list(item.fact_ids), list(item.prompts), list(item.targets)
+    for edit_id in picked:
+        record = model.edit_log[edit_id]["record"]
+        for prompt in training_rows(EditRecord.from_dict(record, f"edit {edit_id}"), model.config.paraphrase_split):
+            fact_ids.append(edit_id), prompts.append(prompt), targets.append(record["target"])
+    batch = teacher_forced(model.tokenizer, prompts, targets, model.context_limit, model.config.max_target_tokens,
+                           model.input_device)
+    return fact_ids, batch
 
 
 def _train_batch(model: ElderModel, item: _Prepared) -> list[EditResult]:
-    cfg, batch = model.config, item.batch
+    cfg = model.config
     start = time.perf_counter()
-    presets = torch.stack([model.preset_for(fid) for fid in item.fact_ids]).to(model.query_device)
+    fact_ids, batch = _replayed(model, item)
+    new = batch.rows < len(item.fact_ids)  # target tokens of the batch's own edits (the rest are replayed)
+    presets = torch.stack([model.preset_for(fid) for fid in fact_ids]).to(model.query_device)
     snapshot = {k: v.detach().clone() for k, v in model.adapters.state_dict().items()}
     routers = [p for a in model.adapters for p in a.router.parameters()]
     experts = [p for a in model.adapters for p in (a.lora_A, a.lora_B)]
@@ -107,11 +130,13 @@ def _train_batch(model: ElderModel, item: _Prepared) -> list[EditResult]:
     while True:
         logits, route = model.target_logits(batch, defer=False, prefix=prefix, forced=presets if keyed else None)
         targets = batch.target_ids.to(logits.device)
-        learned = bool((logits.argmax(-1) == targets).all())
+        hits = logits.argmax(-1) == targets
+        learned = bool(hits[new.to(hits.device)].all())
         margin = cfg.stop_probability == 0.0 or bool(
             (logits.float().log_softmax(-1).gather(-1, targets[:, None]) >= math.log(cfg.stop_probability)).all())
         routed = keyed or _routed(route.scores, presets)
-        if steps == cfg.iterations or (cfg.early_stop and learned and margin and (routed or not cfg.anchor_routes)):
+        if steps == cfg.iterations or (cfg.early_stop and bool(hits.all()) and margin
+                                       and (routed or not cfg.anchor_routes)):
             break
         lm_loss = F.cross_entropy(logits.float(), targets)
         loss = lm_loss
@@ -127,7 +152,7 @@ def _train_batch(model: ElderModel, item: _Prepared) -> list[EditResult]:
         steps += 1
     keep_queries = route.query if (cfg.refresh_codes or cfg.anchor_routes) and not keyed else None
     keys = model.subject_keys(item.prompts, item.subjects) if keyed else None
-    model.bank.add(item.fact_ids, route.codes, keep_queries, keys=keys)
+    model.bank.add(item.fact_ids, route.codes[:len(item.fact_ids)], keep_queries, keys=keys)
     if cfg.refresh_codes:
         model.refresh_codes()
     seconds = (time.perf_counter() - start) / len(item.records)

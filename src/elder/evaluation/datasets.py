@@ -293,8 +293,9 @@ def _check_count(name: str, value: Any, minimum: int) -> None:
         raise DataError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def load_benchmark(spec: str, limit: int | None = None, offset: int = 0) -> Benchmark:
-    """Load records [offset, offset+limit) of `KIND:PATH`, `hf:NAME[@SPLIT]` or a bare file or folder."""
+def load_benchmark(spec: str, limit: int | None = None, offset: int = 0, skip_invalid: bool = False) -> Benchmark:
+    """Load records [offset, offset+limit) of `KIND:PATH`, `hf:NAME[@SPLIT]` or a bare file or folder;
+    `skip_invalid` leaves out malformed records instead of failing (for pools of subjects, never for a stream)."""
     kind, target = _parse_spec(spec)
     _check_count("offset", offset, 0)
     if limit is not None:
@@ -338,11 +339,11 @@ def load_benchmark(spec: str, limit: int | None = None, offset: int = 0) -> Benc
         # read_edits gives default ids by line number, so the file keeps its ids however it is loaded.
         records = tuple(read_edits(source.jsonl)[offset:stop])
     else:
-        records = _convert(source, fmt, offset, stop)
+        records = _convert(source, fmt, offset, stop, skip_invalid)
     return Benchmark(source.name, fmt, source.label, records)
 
 
-def _convert(source: _Source, fmt: str, start: int, stop: int) -> tuple[EditRecord, ...]:
+def _convert(source: _Source, fmt: str, start: int, stop: int, skip_invalid: bool = False) -> tuple[EditRecord, ...]:
     convert = _CONVERTERS[fmt]
     if isinstance(source.rows, list):
         rows = source.rows[start:stop]
@@ -352,9 +353,14 @@ def _convert(source: _Source, fmt: str, start: int, stop: int) -> tuple[EditReco
     first_index: dict[str, int] = {}
     for index, row in enumerate(rows, start):
         where = f"{source.label} record {index}"
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {_type_name(row)}")
-        record = convert(row, index, where, source.stem)
+        try:
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {_type_name(row)}")
+            record = convert(row, index, where, source.stem)
+        except DataError:
+            if skip_invalid:
+                continue
+            raise
         if record.id in first_index:
             raise DataError(f"{where}: duplicate id {record.id!r} (first used by record {first_index[record.id]})")
         first_index[record.id] = index

@@ -145,21 +145,23 @@ def _claim_folder(out: Path, settings: BenchSettings) -> None:
 def _splits(settings: BenchSettings) -> tuple[tuple[EditRecord, ...], tuple[EditRecord, ...]]:
     """The test and validation records; with `neighbours`, each gets neighbour probes whose subjects come from the
     records of its own file outside both splits."""
-    every = load_benchmark(settings.data).records
+    every = load_benchmark(settings.data, skip_invalid=True).records  # only subjects are taken from outside the splits
     if settings.validation_data is None:
         bench = load_benchmark(settings.data, limit=settings.edits + settings.validation, offset=settings.offset)
         test, validation = split_benchmark(bench, settings.edits, settings.validation)
-        pools = [every[:settings.offset] + every[settings.offset + settings.edits + settings.validation:]] * 2
+        inside = {r.id for r in test + validation}
+        pools = [[r for r in every if r.id not in inside]] * 2
     else:
         test = load_benchmark(settings.data, limit=settings.edits, offset=settings.offset).records
         validation, other = (), ()
         if settings.validation:
             validation = load_benchmark(settings.validation_data, limit=settings.validation).records
-            other = load_benchmark(settings.validation_data).records[settings.validation:]
+            other = load_benchmark(settings.validation_data, offset=settings.validation, skip_invalid=True).records
             shared = {r.prompt for r in test} & {r.prompt for r in validation}
             if shared:
                 raise DataError(f"the validation data shares {len(shared)} edit prompts with the test split")
-        pools = [every[:settings.offset] + every[settings.offset + settings.edits:], other]
+        edited = {r.id for r in test}
+        pools = [[r for r in every if r.id not in edited], other]
     if not settings.neighbours:
         return test, validation
     return with_neighbours(test, pools[0]), with_neighbours(validation, pools[1])
