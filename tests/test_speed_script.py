@@ -35,4 +35,4 @@ def test_speed_script_prints_the_comparison(tmp_path):
     numbers = json.loads(out.read_text())
     assert set(numbers["lookup_ms"]) == {"1000", "10000", "100000"}
     assert numbers["fast"]["edits"] == 4 and numbers["plain"]["edits"] == 2
-    assert numbers["memory"]["code_bytes_per_edit"] == 2 * 16 / 8  # L=2 layers x N=16 experts, one bit each
+    assert numbers["memory"]["code_bytes_per_edit"] == 2 * 64 / 8  # L=2 layers x N=64 experts, one bit each

@@ -185,7 +185,7 @@ PRESETS: Mapping[str, Mapping] = MappingProxyType({
     "fast": {
         "deferral": "subject_key",
         "replay": 8,
-        "num_experts": 16,
+        "num_experts": 64,
         "lr": 5e-3,
         "router_lr": 1e-2,
         "iterations": 50,

@@ -175,8 +175,10 @@ def _run_method(name: str, settings: BenchSettings, folder: Path, base_folder: P
     trained = lambda r: dataclasses.replace(r, rephrases=held_out(r, settings.train_rephrases)[0])  # noqa: E731
     scored = lambda r: held_out(r, settings.train_rephrases)[1]  # noqa: E731
     clock = _Clock()
+    bar = (lambda title: title) if progress else (lambda title: None)  # noqa: E731  a bar's title, or no bar
     if settings.tune and validation:
-        tuning = _tune(cls, folder, method_settings, validation, base, tokenizer, base_name, trained, scored, echo)
+        tuning = _tune(cls, folder, method_settings, validation, base, tokenizer, base_name, trained, scored, echo,
+                       bar)
         method_settings.update(tuning["chosen"])
         clock.lap("tuning")
     memory = folder / "memory"
@@ -186,7 +188,6 @@ def _run_method(name: str, settings: BenchSettings, folder: Path, base_folder: P
         method = cls.create(base, tokenizer, base_name, method_settings)
     try:
         clock.lap("loading")
-        bar = (lambda title: title) if progress else (lambda title: None)  # noqa: E731
         base_tokens = _cached(base_folder / "locality.json",
                               lambda: [list(t) for t in base_locality(method, test, bar("base locality"))])
         base_tokens = [tuple(t) for t in base_tokens]
@@ -297,7 +298,7 @@ def _generations(method: EditingMethod, settings: BenchSettings, folder: Path, b
 
 
 def _tune(cls, folder: Path, method_settings: dict, validation, base, tokenizer, base_name, trained, scored,
-          echo) -> dict:
+          echo, bar) -> dict:
     path = folder / "tuning.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -305,11 +306,17 @@ def _tune(cls, folder: Path, method_settings: dict, validation, base, tokenizer,
     try:
         if not hasattr(method, "threshold_sweep"):
             raise RunError(f"method {cls.name!r} has no threshold to tune")
-        base_tokens = base_locality(method, validation)
-        method.edit([trained(r) for r in validation])
+        base_tokens = base_locality(method, validation, bar("validation base locality"))
+        step = int(method.settings.get("batch_size", 1))
+        with tqdm(total=len(validation), desc="validation edits", unit="edit", disable=bar("") is None) as edits:
+            for start in range(0, len(validation), step):
+                method.edit([trained(r) for r in validation[start:start + step]])
+                edits.update(len(validation[start:start + step]))
         table = []
-        for value, predict in method.threshold_sweep():
-            summary = summarize(score_edits(predict, validation, scored, base_tokens))
+        for i, (value, predict) in enumerate(method.threshold_sweep()):
+            # the first threshold runs the model (with and without the memory); the others reuse those rows
+            summary = summarize(score_edits(predict, validation, scored, base_tokens,
+                                            bar("validation scores") if i == 0 else None))
             table.append({"value": value, **summary})
         key = lambda row: statistics.fmean(row[m] for m in ("rel", "gen", "loc") if row[m] is not None)  # noqa: E731
         best = max(table, key=key)

@@ -126,10 +126,11 @@ def score_edits(predict: Predict, records: Sequence[EditRecord], rephrases: Reph
     return scores
 
 
-def summarize(scores: Sequence[EditScore]) -> dict[str, float | None]:
+def summarize(scores: Sequence[EditScore | GenerationScore],
+              names: Sequence[str] = METRICS) -> dict[str, float | None]:
     """Mean of each metric over the edits that have it (None when none do), and the count of edits."""
     summary: dict[str, float | None] = {"edits": len(scores)}
-    for name in METRICS:
+    for name in names:
         values = [getattr(s, name) for s in scores if getattr(s, name) is not None]
         summary[name] = statistics.fmean(values) if values else None
     return summary
@@ -250,10 +251,7 @@ def generation_scores(answer: Answerer, records: Sequence[EditRecord], rephrases
 
 def summarize_generation(scores: Sequence[GenerationScore]) -> dict[str, float | None]:
     """Mean of each generation metric, and the edited answers' fluency over the base model's."""
-    summary: dict[str, float | None] = {"edits": len(scores)}
-    for name in GENERATION_METRICS:
-        values = [getattr(s, name) for s in scores if getattr(s, name) is not None]
-        summary[name] = statistics.fmean(values) if values else None
+    summary = summarize(scores, GENERATION_METRICS)
     base = summary["fluency_base"]
     summary["fluency_ratio"] = summary["fluency"] / base if base else None
     return summary
