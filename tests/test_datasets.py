@@ -86,6 +86,14 @@ def test_zsre_loads_with_kind_or_bare_path(tmp_path):
     assert load_benchmark(str(path)) == bench
 
 
+def test_skip_invalid_leaves_out_only_the_malformed_records(tmp_path):
+    path = write(tmp_path, [ZSRE[0], {**ZSRE[1], "alt": ""}, ZSRE[2]], "zsre_edit.json")
+    with pytest.raises(DataError, match="record 1: empty 'alt'"):
+        load_benchmark(f"zsre:{path}")
+    kept = load_benchmark(f"zsre:{path}", skip_invalid=True).records
+    assert [r.id for r in kept] == ["zsre-0", "zsre-2"]
+
+
 def test_zsre_rephrase_may_be_a_list(tmp_path):
     path = write(tmp_path, [{**ZSRE[0], "rephrase": ["When did IAAF start?", "IAAF began in"]}])
     assert load_benchmark(str(path)).records[0].rephrases == ("When did IAAF start?", "IAAF began in")

@@ -95,6 +95,8 @@ def _replayed(model: ElderModel, item: _Prepared) -> tuple[list[str], TeacherFor
     """The batch's training rows plus those of `replay` earlier edits drawn at random (reproducibly, anew for each
     batch), and their fact ids: training them again keeps the experts they share with the new edits on their
     answers."""
+    if model.config.replay == 0:
+        return item.fact_ids, item.batch
     earlier = [edit_id for edit_id, entry in model.edit_log.items() if entry["learned"]]  # others never stop
     count = min(model.config.replay, len(earlier))
     if count == 0:
