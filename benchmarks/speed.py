@@ -137,7 +137,8 @@ def main() -> None:
     print(f"peak RSS {m['peak_rss_mb']:.0f} MB; adapters {m['adapter_mb']:.1f} MB, fixed "
           f"({fast_r['trainable_params']} trainable parameters before and after editing); code bank "
           f"{m['bank_bytes_per_edit']:.0f} bytes per stored edit as kept in memory ({m['code_bytes_per_edit']:.0f} "
-          f"bytes of packed code bits, the rest the int8 query and its scale kept for refresh_codes/anchor_routes)")
+          f"bytes of packed code bits, the rest the fp16 subject key under subject_key deferral, or the int8 query "
+          f"and its scale kept for refresh_codes/anchor_routes under code deferral)")
     print("code lookup per prompt: " + ", ".join(f"{size:,} codes {ms:.3f} ms" for size, ms in results["lookup_ms"].items()))
     if args.json_out:
         with open(args.json_out, "w") as f:
