@@ -145,26 +145,30 @@ def _claim_folder(out: Path, settings: BenchSettings) -> None:
 def _splits(settings: BenchSettings) -> tuple[tuple[EditRecord, ...], tuple[EditRecord, ...]]:
     """The test and validation records; with `neighbours`, each gets neighbour probes whose subjects come from the
     records of its own file outside both splits."""
-    every = load_benchmark(settings.data, skip_invalid=True).records  # only subjects are taken from outside the splits
     if settings.validation_data is None:
         bench = load_benchmark(settings.data, limit=settings.edits + settings.validation, offset=settings.offset)
         test, validation = split_benchmark(bench, settings.edits, settings.validation)
-        inside = {r.id for r in test + validation}
-        pools = [[r for r in every if r.id not in inside]] * 2
     else:
         test = load_benchmark(settings.data, limit=settings.edits, offset=settings.offset).records
-        validation, other = (), ()
+        validation = ()
         if settings.validation:
             validation = load_benchmark(settings.validation_data, limit=settings.validation).records
-            other = load_benchmark(settings.validation_data, offset=settings.validation, skip_invalid=True).records
             shared = {r.prompt for r in test} & {r.prompt for r in validation}
             if shared:
                 raise DataError(f"the validation data shares {len(shared)} edit prompts with the test split")
-        edited = {r.id for r in test}
-        pools = [[r for r in every if r.id not in edited], other]
     if not settings.neighbours:
         return test, validation
-    return with_neighbours(test, pools[0]), with_neighbours(validation, pools[1])
+    # only subjects are taken from outside the splits, so a malformed record there is left out, not an error
+    every = load_benchmark(settings.data, skip_invalid=True).records
+    if settings.validation_data is None:
+        inside = {r.id for r in test + validation}
+        test_pool = validation_pool = [r for r in every if r.id not in inside]
+    else:
+        edited = {r.id for r in test}
+        test_pool = [r for r in every if r.id not in edited]
+        validation_pool = () if not validation else load_benchmark(
+            settings.validation_data, offset=settings.validation, skip_invalid=True).records
+    return with_neighbours(test, test_pool), with_neighbours(validation, validation_pool)
 
 
 def _run_method(name: str, settings: BenchSettings, folder: Path, base_folder: Path, test, validation, base,
@@ -308,7 +312,8 @@ def _tune(cls, folder: Path, method_settings: dict, validation, base, tokenizer,
             raise RunError(f"method {cls.name!r} has no threshold to tune")
         base_tokens = base_locality(method, validation, bar("validation base locality"))
         step = int(method.settings.get("batch_size", 1))
-        with tqdm(total=len(validation), desc="validation edits", unit="edit", disable=bar("") is None) as edits:
+        title = bar("validation edits")
+        with tqdm(total=len(validation), desc=title, unit="edit", disable=title is None) as edits:
             for start in range(0, len(validation), step):
                 method.edit([trained(r) for r in validation[start:start + step]])
                 edits.update(len(validation[start:start + step]))
