@@ -7,7 +7,8 @@ import torch
 
 from elder import EditRecord, ElderModel, apply_edits, load_memory, save_memory
 from elder.config import ConfigError
-from elder.mechanism.keys import guess_subject, subject_position
+from elder.mechanism.codebank import CodeBank
+from elder.mechanism.keys import guess_subject, key_reading, subject_tokens
 from elder.methods.elder import ElderMethod
 
 from conftest import byte_tokenizer, small_config, tiny_llama
@@ -65,8 +66,46 @@ def test_the_subject_is_guessed_when_a_record_names_none(tokenizer):
     assert guess_subject("What is the nationality of raul castro?") == "castro"
     assert guess_subject("Where was Barack Obama's wife born?") == "Barack Obama"
     prompt = "The capital of France is"
-    assert subject_position(tokenizer, prompt, "France") == len("The capital of France") - 1  # one token per byte
-    assert subject_position(tokenizer, prompt, None) == subject_position(tokenizer, prompt, "France")
+    last = len("The capital of France") - 1  # one token per byte
+    assert subject_tokens(tokenizer, prompt, "France", 3) == [last, last - 1, last - 2]
+    assert subject_tokens(tokenizer, prompt, None, 3) == subject_tokens(tokenizer, prompt, "France", 3)
+    # the space before the subject is its first token's (one token with the word in a real BPE vocabulary)
+    assert subject_tokens(tokenizer, prompt, "France", 20)[-1] == len("The capital of")
+    assert subject_tokens(tokenizer, "France is", "France", 20) == list(range(5, -1, -1))
+
+
+def test_a_key_of_several_tokens_matches_only_where_the_earlier_subject_tokens_match_too():
+    bank = CodeBank(4)
+    one, two, three = torch.eye(3)
+    # subject (two, one): last token `one`, the token before it `two`; a one-token subject `three`
+    bank.add(["a", "b"], torch.zeros(2, 4, dtype=torch.bool),
+             keys=torch.stack([torch.stack([one, two]), torch.stack([three, torch.zeros(3)])]))
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    same = torch.stack([two, one])[None]  # "... two one": the whole subject
+    other = torch.stack([three * 0.8 + two * 0.6, one])[None]  # another first token, same last token
+    assert bank.best_key(same, mask, gate=0.7) == (torch.tensor([1.0]), torch.tensor([0]))
+    best, rows = bank.best_key(other, mask, gate=0.7)
+    assert rows.item() == 1 and best.item() == pytest.approx(0.8)  # only the one-token subject matches, weakly
+    assert bank.best_key(other, mask, gate=-1.0)[1].item() == 0  # without the gate, the last token alone decides
+    assert bank.best_key(other, mask, gate=0.5)[1].item() == 0  # 0.6 passes a looser gate
+
+
+def test_a_subject_opening_a_prompt_is_read_with_its_mid_text_tokens():
+    from transformers import AutoTokenizer
+
+    from elder.models import embedded_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
+    subject = "Raymond Flynn"
+    picked = []
+    for prompt in ("Raymond Flynn was employed in", "To get to work every day, Raymond Flynn has to"):
+        text = key_reading(prompt, spaced=True)[1]
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        picked.append([ids[i] for i in subject_tokens(tokenizer, text, subject, 3)])
+        unspaced = tokenizer(prompt, add_special_tokens=False).input_ids
+        picked.append([unspaced[i] for i in subject_tokens(tokenizer, prompt, subject, 3)])
+    assert picked[0] == picked[2] == picked[3]  # spaced, the opening subject has the tokens it has mid-text
+    assert picked[1] != picked[0]  # as typed, "Raymond" opening the prompt is other tokens ("Ray", "mond")
 
 
 def test_tuning_sweeps_the_key_threshold_with_the_same_decisions_as_inference():
@@ -121,3 +160,29 @@ def test_replay_needs_a_subject_key():
         small_config(replay=4)
     with pytest.raises(ConfigError, match="replay must be an integer >= 0"):
         small_config(deferral="subject_key", replay=-1)
+
+
+def test_a_version_3_memory_keeps_reading_its_keys_as_they_were_made(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from elder import persistence
+
+    model = keyed(key_span=1, key_spaced=False)  # what format version 3 stored: last-token keys, read unspaced
+    apply_edits(model, EDITS, progress=False)
+    folder = save_memory(model, tmp_path / "m")
+    manifest = json.loads((folder / "memory.json").read_text())
+    tensors = load_file(folder / manifest["tensors"]["file"])
+    tensors["bank.keys"] = tensors["bank.keys"][:, 0].contiguous()  # version 3: (n, d)
+    save_file(tensors, folder / manifest["tensors"]["file"])
+    for name in ("key_span", "key_gate", "key_spaced"):
+        del manifest["config"][name]
+    manifest.update(format_version=3, tensors={"file": manifest["tensors"]["file"],
+                                               "sha256": persistence._sha256(folder / manifest["tensors"]["file"])})
+    (folder / "memory.json").write_text(json.dumps(manifest))
+    restored = load_memory(folder, tiny_llama(), byte_tokenizer(), "tiny")
+    assert (restored.config.key_span, restored.config.key_spaced) == (1, False)
+    prompts = ["Where does Zorbulaq live? In", "Where does Pennimore live? In"]
+    assert [(a.text, a.used_memory) for a in restored.generate(prompts, 3)] == \
+        [(a.text, a.used_memory) for a in model.generate(prompts, 3)]

@@ -51,7 +51,19 @@ class ElderConfig:
         metadata={"help": "decoder layer whose input gives the subject keys; None: 2/15 of the depth (SmolLM2: 4)"},
     )
     key_threshold: float = field(
-        default=0.94, metadata={"help": "subject_key: the memory is used when the best key similarity reaches this"}
+        default=0.96, metadata={"help": "subject_key: the memory is used when the best key similarity reaches this"}
+    )
+    key_span: int = field(
+        default=3, metadata={"help": "subject_key: how many of the subject's last tokens each edit keeps a key for "
+                                     "(1: the last token alone)"}
+    )
+    key_gate: float = field(
+        default=0.7, metadata={"help": "subject_key, key_span > 1: a prompt matches an edit only where the tokens "
+                                       "before the matching one reach this similarity to the subject's earlier tokens"}
+    )
+    key_spaced: bool = field(
+        default=True, metadata={"help": "subject_key: read every key text after one space, so that a subject opening "
+                                        "a prompt tokenises as it does mid-text"}
     )
     answer_span: str | None = field(
         default=None,
@@ -134,6 +146,13 @@ class ElderConfig:
                               "matched edit); set answer_span=all")
         if not isinstance(self.key_threshold, (int, float)) or not -1.0 <= self.key_threshold <= 1.0:
             raise ConfigError(f"key_threshold must be a cosine similarity in [-1, 1], got {self.key_threshold!r}")
+        if isinstance(self.key_span, bool) or not isinstance(self.key_span, int) or self.key_span < 1:
+            raise ConfigError(f"key_span must be an integer >= 1, got {self.key_span!r}")
+        if not isinstance(self.key_gate, (int, float)) or isinstance(self.key_gate, bool) \
+                or not -1.0 <= self.key_gate <= 1.0:
+            raise ConfigError(f"key_gate must be a cosine similarity in [-1, 1], got {self.key_gate!r}")
+        if not isinstance(self.key_spaced, bool):
+            raise ConfigError(f"key_spaced must be true or false, got {self.key_spaced!r}")
         if self.key_layer is not None and (not isinstance(self.key_layer, int) or self.key_layer < 1):
             raise ConfigError(f"key_layer must be a positive integer, got {self.key_layer!r}")
         if self.module_paths is not None and len(self.module_paths) == 0:

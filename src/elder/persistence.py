@@ -17,8 +17,8 @@ from elder.mechanism import ElderModel
 from elder.mechanism.targets import get_module, num_hidden_layers
 
 FORMAT = "elder-memory"
-FORMAT_VERSION = 3  # 3: subject keys (bank.keys); 2: int8 stored queries plus a scale per row; 1: fp16 queries
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4  # 4: subject keys of key_span tokens, read spaced; 3: subject keys (bank.keys); 2: int8 stored queries plus a scale per row; 1: fp16 queries
+READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST = "memory.json"
 _FINGERPRINT_VALUES = 256  # leading weights of each adapted module: enough to tell checkpoints apart
 
@@ -93,7 +93,10 @@ def load_memory(directory: str | os.PathLike, base, tokenizer, base_name: str | 
     directory = Path(directory)
     manifest = read_manifest(directory)
     try:
-        config = ElderConfig.from_dict(manifest["config"])
+        settings = manifest["config"]
+        if manifest["format_version"] <= 3 and isinstance(settings, dict) and "key_span" not in settings:
+            settings = {**settings, "key_span": 1, "key_spaced": False}  # its keys: the last token, read as it was
+        config = ElderConfig.from_dict(settings)
         tensor_path = directory / manifest["tensors"]["file"]
         expected = manifest["tensors"]["sha256"]
         bank_ids, preset_ids, edits = manifest["bank_ids"], manifest["preset_ids"], manifest["edits"]

@@ -20,7 +20,9 @@ class CodeBank:
         self._query_values: torch.Tensor | None = None  # (n, d) int8
         self._query_scales: torch.Tensor | None = None  # (n,) fp32: a row is values * scale
         self._index: _BitIndex | None = None  # inverted index of the stored codes, rebuilt after each change
-        self._keys: torch.Tensor | None = None  # (n, d) fp16 unit subject keys (deferral="subject_key")
+        # (n, span, d) fp16 unit subject keys (deferral="subject_key"): the states at the subject's last `span` tokens,
+        # the last first; a subject shorter than span has zero rows for the tokens it lacks
+        self._keys: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -48,7 +50,7 @@ class CodeBank:
 
     @property
     def keys(self) -> torch.Tensor | None:
-        """Every stored subject key (n, d) fp16, or None when keys are not kept."""
+        """Every stored subject key (n, span, d) fp16, or None when keys are not kept."""
         return self._keys
 
     def nbytes(self) -> int:
@@ -70,8 +72,11 @@ class CodeBank:
         if (keys is None) != (self._keys is None) and len(self.ids) > 0:
             raise ValueError("either every stored code keeps its subject key or none does")
         if keys is not None:
-            if len(keys) != len(ids) or (self._keys is not None and keys.shape[1] != self._keys.shape[1]):
-                raise ValueError(f"{len(ids)} codes but subject keys of shape {tuple(keys.shape)}")
+            keys = keys[:, None] if keys.dim() == 2 else keys  # one key per edit: (n, d) is (n, 1, d)
+            if keys.dim() != 3 or len(keys) != len(ids) or (
+                    self._keys is not None and keys.shape[1:] != self._keys.shape[1:]):
+                raise ValueError(f"{len(ids)} codes but subject keys of shape {tuple(keys.shape)}"
+                                 + ("" if self._keys is None else f"; the bank holds {tuple(self._keys.shape[1:])}"))
             keys = keys.detach().to("cpu", torch.float16)
             self._keys = keys if self._keys is None else torch.cat([self._keys, keys])
         if queries is not None:
@@ -116,21 +121,31 @@ class CodeBank:
             self._index = _BitIndex(self.codes)
         return torch.stack([self._index.min_distance(row) for row in codes.detach().cpu()]).to(codes.device)
 
-    def best_key(self, states: torch.Tensor, mask: torch.Tensor,
-                 chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    def best_key(self, states: torch.Tensor, mask: torch.Tensor, gate: float = -1.0,
+                 chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
         """For unit token states (batch, T, d) and the tokens that count (batch, T): the best cosine similarity of
-        any counted token to any stored key, and that key's row (batch,); -inf and -1 when the bank is empty."""
+        any counted token to any stored key's last token, and that key's row (batch,); -inf and -1 when the bank is
+        empty or nothing passes. A key of several tokens matches at a token only where each token before it, aligned
+        with the key's earlier tokens, reaches `gate` too."""
         best = torch.full((len(states),), float("-inf"), device=states.device)
         rows = torch.full((len(states),), -1, dtype=torch.long, device=states.device)
         if self._keys is None or not self.ids:
             return best, rows
+        states, width = states.float(), states.shape[1]
         for start in range(0, len(self._keys), chunk):
-            keys = self._keys[start:start + chunk].to(states.device, torch.float32)
-            sims = torch.einsum("btd,nd->btn", states.float(), keys).masked_fill(~mask[:, :, None], float("-inf"))
-            value, row = sims.amax(dim=1).max(dim=-1)  # best token per key, then best key
+            keys = self._keys[start:start + chunk].to(states.device, torch.float32)  # (n, span, d)
+            sims = torch.einsum("btd,nsd->btns", states, keys).masked_fill(~mask[:, :, None, None], float("-inf"))
+            score = sims[..., 0]  # (batch, T, n): the prompt token t against each key's last token
+            present = keys.abs().amax(-1) > 0  # (n, span): tokens the subject has
+            for j in range(1, keys.shape[1]):  # token t - j against the key's token j, where the subject has one
+                earlier = torch.full_like(score, float("-inf"))
+                earlier[:, j:] = sims[:, :width - j, :, j]
+                fails = (earlier < gate) & present[None, None, :, j]
+                score = score.masked_fill(fails, float("-inf"))
+            value, row = score.amax(dim=1).max(dim=-1)  # best token per key, then best key
             better = value > best
             best, rows = torch.where(better, value, best), torch.where(better, row + start, rows)
-        return best, rows
+        return best, torch.where(best > float("-inf"), rows, -1)
 
 
 def _pack(codes: torch.Tensor) -> torch.Tensor:

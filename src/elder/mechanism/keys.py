@@ -5,6 +5,13 @@ allocation), so a neighbour is let in and a paraphrase is sent away. A fact is a
 at the subject's last token in a low layer (where ROME and MEMIT also find the subject's representation) names the
 subject whatever words surround it. At inference the subject's position is unknown, so every prompt token is
 compared with every stored key and the best match decides.
+
+Two refinements, both measured with `benchmarks/keys.py`:
+- every text is read as it would be mid-sentence, after the lead-in and one space, so a subject that opens a prompt
+  ("Raymond Flynn was ...") has the same tokens as elsewhere (" Raymond" rather than "Ray", "mond");
+- an edit keeps the states of its subject's last `key_span` tokens, and a prompt matches it only where the tokens
+  before the matching one also match the subject's earlier tokens (`key_gate`): "Michelle Obama" no longer
+  matches "Barack Obama" on "Obama" alone.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ CENTERING_TEXT = (
 
 # Text every key read starts with (after BOS, else EOS), so that a subject at the start of a prompt is read mid-text,
 # as it is in most prompts, rather than at the first positions, where hidden states behave unlike anywhere else.
+# With key_spaced the text read follows "Note." after one space (key_reading); without, "Note.\n" as it is.
 KEY_LEAD_IN = "Note.\n"
+SPACED_LEAD_IN = "Note."
 
 _STOPWORDS = frozenset(
     "a an the of in on at to for from by with and or is are was were be been what which who whom whose when where "
@@ -63,15 +72,25 @@ def guess_subject(prompt: str) -> str:
     return (content or words)[-1]
 
 
-def subject_position(tokenizer, prompt: str, subject: str | None) -> int:
-    """Index of the subject's last token in the tokenised prompt (the subject guessed when absent or not found)."""
-    if subject is None or subject not in prompt:
-        subject = guess_subject(prompt)
-    start = prompt.find(subject)
-    if start < 0:  # the guess itself is always in the prompt, but stay total
-        return len(tokenizer(prompt).input_ids) - 1
-    full = len(tokenizer(prompt).input_ids)
-    return min(len(tokenizer(prompt[: start + len(subject)]).input_ids), full) - 1
+def key_reading(text: str, spaced: bool) -> tuple[str, str]:
+    """(lead-in, text) as a key read takes them; spaced, the text gets one leading space, so that its first word
+    tokenises as it does mid-text."""
+    return (SPACED_LEAD_IN, " " + text.lstrip()) if spaced else (KEY_LEAD_IN, text)
+
+
+def subject_tokens(tokenizer, text: str, subject: str | None, span: int) -> list[int]:
+    """Indices of the subject's last `span` tokens in `tokenizer(text)` without special tokens, the last first
+    (the subject guessed when absent or not found in the text)."""
+    if subject is None or subject not in text:
+        subject = guess_subject(text)
+    start = text.find(subject)
+    count = lambda part: len(tokenizer(part, add_special_tokens=False).input_ids)  # noqa: E731
+    total = count(text)
+    if start < 0:  # the guess itself is always in the text, but stay total
+        return [max(total - 1, 0)]
+    last = min(count(text[: start + len(subject)]), total) - 1
+    first = min(count(text[:start].rstrip()), last)  # a space before the subject belongs to its first token
+    return list(range(last, max(first, last - span + 1) - 1, -1))
 
 
 def normalise(states: torch.Tensor, center: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from elder.config import ConfigError, ElderConfig
 from elder.mechanism.codebank import CodeBank
 from elder.mechanism.inputs import (TeacherForced, context_limit, encode_prompt, encode_target, pad_id, pad_rows,
                                     prompt_batch)
-from elder.mechanism.keys import CENTERING_TEXT, KEY_LEAD_IN, normalise, subject_position
+from elder.mechanism.keys import CENTERING_TEXT, key_reading, normalise, subject_tokens
 from elder.mechanism.layer import MixtureOfLoRA
 from elder.mechanism.targets import get_module, linear_shape, num_hidden_layers, resolve_targets
 
@@ -116,7 +116,7 @@ class ElderModel:
                 raise ConfigError(f"key_layer {layer} must lie below the first adapted layer "
                                   f"({self.targets.prefix_length}), so that the keys do not depend on the experts")
             self.key_path = f"{self.targets.layers_path}.{layer}"
-            states, mask = self._key_states([encode_prompt(tokenizer, t, self.context_limit) for t in CENTERING_TEXT])
+            states, mask, _ = self._read_keys(list(CENTERING_TEXT))
             self.key_center = states[mask].float().mean(0)
         for index, path in enumerate(self.targets.module_paths):
             self._handles.append(get_module(base, path).register_forward_hook(self._adapter_hook(index)))
@@ -175,7 +175,8 @@ class ElderModel:
         else:
             if states is None or mask is None:
                 raise RuntimeError("subject_key deferral needs the key layer's states and the prompt mask")
-            best, rows = self.bank.best_key(normalise(states, self.key_center), mask.to(states.device))
+            best, rows = self.bank.best_key(normalise(states, self.key_center), mask.to(states.device),
+                                             self.config.key_gate)
             best, rows = best.to(self.query_device), rows.to(self.query_device)
             empty = torch.zeros(len(self.adapters), self.config.top_k, dtype=torch.long)
             allocation = torch.stack([self.presets[self.bank.ids[r]] if r >= 0 else empty
@@ -230,22 +231,34 @@ class ElderModel:
 
     @torch.no_grad()
     def _key_states(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The key layer's input (batch, T, d) for prompts given as token ids, each read after a lead-in, and the
-        mask of the prompts' own tokens (batch, T).
+        """The key layer's input (batch, T, d) for prompts given as token ids, and the mask of the prompts' own
+        tokens (batch, T); the ids are decoded and read as `_read_keys` reads text."""
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        states, own, _ = self._read_keys(texts)
+        return states, own
+
+    @torch.no_grad()
+    def _read_keys(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """The key layer's input (batch, T, d) for texts each read after a lead-in, the mask of the texts' own
+        tokens (batch, T), and the column of each text's first token.
 
         The keys are read in a forward of their own, through the layers below the key layer only, so that no real
         token is ever the first: the first position of a sequence carries massive activations (an attention sink)
-        that would make it look unlike itself elsewhere. The lead-in (BOS, else EOS, then KEY_LEAD_IN) takes that
-        role.
+        that would make it look unlike itself elsewhere. The lead-in (BOS, else EOS, then the lead-in text) takes
+        that role; with key_spaced the text follows it after one space (keys.key_reading).
         """
         start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else pad_id(self.tokenizer)
-        lead = [start, *self.tokenizer(KEY_LEAD_IN, add_special_tokens=False).input_ids]
-        rows = [[*lead, *(row[1:] if row[:1] == [start] else row)] for row in rows]
+        encode = lambda text: self.tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+        readings = [key_reading(text, self.config.key_spaced) for text in texts]
+        leads = [[start, *encode(lead)] for lead, _ in readings]
+        rows = [[*lead, *encode(text)] for lead, (_, text) in zip(leads, readings, strict=True)]
         input_ids, attention_mask = pad_rows(rows, pad_id(self.tokenizer), left=True)
         own = attention_mask.bool()
         width = own.shape[1]
-        for i, row in enumerate(rows):
+        firsts = []
+        for i, (row, lead) in enumerate(zip(rows, leads, strict=True)):
             own[i, width - len(row): width - len(row) + len(lead)] = False  # the lead-in
+            firsts.append(width - len(row) + len(lead))
         input_ids, attention_mask = input_ids.to(self.input_device), attention_mask.to(self.input_device)
         captured = {}
 
@@ -260,16 +273,21 @@ class ElderModel:
             pass
         finally:
             handle.remove()
-        return captured["states"], own.to(captured["states"].device)
+        return captured["states"], own.to(captured["states"].device), firsts
 
     def subject_keys(self, prompts: list[str], subjects: list[str | None]) -> torch.Tensor:
-        """Unit subject keys (batch, d): each prompt's key-layer state at its subject's last token."""
-        states, mask = self._key_states([encode_prompt(self.tokenizer, p, self.context_limit) for p in prompts])
-        pad = (mask.shape[1] - mask.sum(1)).tolist()  # left padding and lead-in: token i sits at column pad + i
-        columns = [p + subject_position(self.tokenizer, prompt, subject)
-                   for p, prompt, subject in zip(pad, prompts, subjects, strict=True)]
-        picked = states[torch.arange(len(prompts), device=states.device), torch.tensor(columns, device=states.device)]
-        return normalise(picked, self.key_center)
+        """Unit subject keys (batch, key_span, d): each prompt's key-layer states at its subject's last key_span
+        tokens, the last first, zero where the subject has fewer tokens."""
+        for prompt in prompts:
+            encode_prompt(self.tokenizer, prompt, self.context_limit)  # an empty or over-long prompt is refused
+        states, _, firsts = self._read_keys(prompts)
+        states = normalise(states, self.key_center)
+        keys = states.new_zeros(len(prompts), self.config.key_span, states.shape[-1])
+        for i, (prompt, subject) in enumerate(zip(prompts, subjects, strict=True)):
+            text = key_reading(prompt, self.config.key_spaced)[1]
+            for j, column in enumerate(subject_tokens(self.tokenizer, text, subject, self.config.key_span)):
+                keys[i, j] = states[i, firsts[i] + column]
+        return keys
 
     def _adapter_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:

@@ -107,7 +107,9 @@ class ElderMethod(EditingMethod):
             return cache[key]
 
         if keyed:
-            for similarity in [round(0.5 + 0.025 * i, 3) for i in range(20)]:
+            # coarse below 0.9, in steps of 0.01 above, where matches of a subject and of another one part
+            grid = [round(0.5 + 0.05 * i, 2) for i in range(8)] + [round(0.9 + 0.01 * i, 2) for i in range(10)]
+            for similarity in grid:
                 def predict(prompts: Sequence[str], targets: Sequence[str], similarity: float = similarity):
                     forced, distances, base = rows(prompts, targets)
                     return [f if 1.0 - d >= similarity else TokenPrediction(b.predicted, b.target, False)
