@@ -225,8 +225,12 @@ def test_tuning_sets_the_key_threshold_under_subject_key_deferral(bench_setup, t
                         tmp_path / "k", progress=False, echo=lambda s: None)
     tuning = summary["methods"]["elder"]["tuning"]
     assert tuning["setting"] == "key_threshold"
-    assert [row["value"] for row in tuning["table"]][:3] == [0.5, 0.525, 0.55]
+    assert [row["value"] for row in tuning["table"]][:3] == [0.99, 0.98, 0.97]  # strictest first
     assert summary["methods"]["elder"]["settings"]["key_threshold"] == tuning["chosen"]["key_threshold"]
+    objective = lambda row: (row["rel"] + row["gen"] + row["loc"]) / 3  # noqa: E731
+    best = [row["value"] for row in tuning["table"] if objective(row) == max(map(objective, tuning["table"]))]
+    assert len(best) > 1  # a tie, as on a small validation memory
+    assert tuning["chosen"]["key_threshold"] == max(best)  # the strictest of the equally good thresholds
 
 
 def test_cli_bench_writes_the_report(bench_setup, tmp_path):

@@ -324,6 +324,8 @@ def _tune(cls, folder: Path, method_settings: dict, validation, base, tokenizer,
                                             bar("validation scores") if i == 0 else None))
             table.append({"value": value, **summary})
         key = lambda row: statistics.fmean(row[m] for m in ("rel", "gen", "loc") if row[m] is not None)  # noqa: E731
+        # the first best is the strictest (threshold_sweep's order): false matches grow with the memory, so a tie
+        # on the small validation memory is no reason to let more in
         best = max(table, key=key)
         tuning = {"setting": method.threshold_name, "chosen": {method.threshold_name: best["value"]},
                   "objective": "mean of Rel, Gen and Loc on the validation split", "validation_edits": len(validation),

@@ -89,7 +89,7 @@ class ElderMethod(EditingMethod):
 
     def threshold_sweep(self):
         """(threshold, predict) for every epsilon that gives distinct decisions (or, under subject_key deferral, a
-        grid of key similarities), from one pass with and without memory."""
+        grid of key similarities), from one pass with and without memory; the strictest threshold comes first."""
         cache: dict = {}
         keyed = self.model.config.deferral == "subject_key"
 
@@ -107,8 +107,8 @@ class ElderMethod(EditingMethod):
             return cache[key]
 
         if keyed:
-            # coarse below 0.9, in steps of 0.01 above, where matches of a subject and of another one part
-            grid = [round(0.5 + 0.05 * i, 2) for i in range(8)] + [round(0.9 + 0.01 * i, 2) for i in range(10)]
+            # strictest first; in steps of 0.01 above 0.9, where matches of a subject and of another one part
+            grid = [round(0.99 - 0.01 * i, 2) for i in range(10)] + [round(0.85 - 0.05 * i, 2) for i in range(8)]
             for similarity in grid:
                 def predict(prompts: Sequence[str], targets: Sequence[str], similarity: float = similarity):
                     forced, distances, base = rows(prompts, targets)
