@@ -3,7 +3,7 @@ import json
 import pytest
 from countryinfo import CountryInfo
 
-from elder.data import DataError, EditRecord, LocalityProbe, read_edits, write_edits
+from elder.data import DataError, EditRecord, LocalityProbe, content_id, read_edits, write_edits
 from elder.demo_facts import demo_edits, demo_unrelated_prompts
 
 GOOD = {"id": "a", "prompt": "The capital of France is", "target": "Rome"}
@@ -35,7 +35,9 @@ def test_from_dict_optional_fields_and_string_probes(tmp_path):
         json.dumps({"prompt": "p2", "target": "t2", "locality": ["q", {"prompt": "r", "answer": "s"}]}),
     ])
     first, second = read_edits(path)
-    assert (first.id, second.id) == ("1", "3")  # default id is the 1-based line number
+    # a record without an id gets one from its prompt and target, not from where it stands in the file
+    assert (first.id, second.id) == (content_id("p1", "t1"), content_id("p2", "t2"))
+    assert len(first.id) == 16 and content_id("p1", "t1") != content_id("p1", "t2")
     assert second.locality == (LocalityProbe("q"), LocalityProbe("r", "s"))
     assert EditRecord.from_dict(second.to_dict(), "x") == second
 

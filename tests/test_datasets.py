@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from elder.data import DataError, EditRecord, LocalityProbe
+from elder.data import DataError, EditRecord, LocalityProbe, content_id
 from elder.evaluation.datasets import Benchmark, load_benchmark, split_benchmark
 
 ZSRE = [
@@ -150,7 +150,8 @@ def test_wise_shape_without_case_id(tmp_path):
 def test_edits_jsonl_and_list(tmp_path):
     expected = (
         EditRecord("a", "The capital of France is", "Rome", ("France's capital is",), (LocalityProbe("2 + 2 =", "4"),)),
-        EditRecord("2", "The capital of Japan is", "Cairo"),  # default id: the line number, as read_edits gives
+        # no id: one derived from the prompt and target, as read_edits gives
+        EditRecord(content_id("The capital of Japan is", "Cairo"), "The capital of Japan is", "Cairo"),
     )
     path = write(tmp_path, EDITS, "edits.jsonl", jsonl=True)
     assert load_benchmark(f"jsonl:{path}").records == expected

@@ -121,6 +121,7 @@ def test_a_memory_with_a_missing_or_misshapen_bank_tensor_is_refused(saved, tmp_
             tensors["bank.query_scales"] = tensors["bank.query_scales"][:1].contiguous()
         save_file(tensors, copy / manifest["tensors"]["file"])
         manifest["tensors"]["sha256"] = persistence._sha256(copy / manifest["tensors"]["file"])
+        manifest["checksum"] = persistence._manifest_checksum(manifest)
         (copy / "memory.json").write_text(json.dumps(manifest))
         base = tiny_llama()
         with pytest.raises(MemoryFormatError, match="consistent memory"):

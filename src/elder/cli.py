@@ -12,17 +12,19 @@ import typer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded model and local folders need no network
 
-from elder.config import ConfigError, ElderConfig  # noqa: E402
+from elder.config import ConfigError, ElderConfig, parse_setting  # noqa: E402
 from elder.data import DataError, read_edits  # noqa: E402
 from elder.editing import NonFiniteLossError, apply_edits  # noqa: E402
 from elder.mechanism import ElderModel, InputError  # noqa: E402
 from elder.models import DEFAULT_MODEL, ModelLoadError, load_base  # noqa: E402
-from elder.persistence import MemoryFormatError, load_memory, read_manifest, save_memory  # noqa: E402
+from elder.editing import forget  # noqa: E402
+from elder.persistence import (MANIFEST, MemoryBusyError, MemoryFormatError, load_memory, memory_lock,  # noqa: E402
+                               read_manifest, save_memory)
 
 app = typer.Typer(help="Lifelong knowledge editing of causal LMs with ELDER.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
-_USER_ERRORS = (ConfigError, DataError, InputError, MemoryFormatError, ModelLoadError, NonFiniteLossError,
-                ValueError)
+_USER_ERRORS = (ConfigError, DataError, InputError, MemoryBusyError, MemoryFormatError, ModelLoadError,
+                NonFiniteLossError, ValueError)
 
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="hub id or local folder; default: the "
                                                  f"embedded {DEFAULT_MODEL}")]
@@ -36,15 +38,16 @@ def _fail(error: Exception) -> None:
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
+    """--set KEY=VALUE pairs, each value read against the setting's type (KEY may be METHOD.KEY in `bench`)."""
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep:
+        if not sep or not key:
             raise ConfigError(f"--set takes KEY=VALUE, got {pair!r}")
         try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+            overrides[key] = parse_setting(key.rpartition(".")[2], value)
+        except ConfigError as error:
+            raise ConfigError(f"--set {pair}: {error}") from None
     return overrides
 
 
@@ -56,38 +59,43 @@ def edit(
     preset: Annotated[str, typer.Option(help="settings preset: paper or fast")] = "fast",
     set_: Annotated[list[str], typer.Option("--set", help="override a setting, e.g. --set epsilon=6")] = [],
     resume: Annotated[bool, typer.Option(help="continue the memory in --out, skipping edits it already holds")] = False,
-    save_every: Annotated[int, typer.Option(help="save after this many edits (and at the end)")] = 100,
+    replace: Annotated[bool, typer.Option(help="with --resume: an id the memory holds with another prompt or "
+                                          "target is forgotten and applied anew (without it, refused)")] = False,
+    save_every: Annotated[int, typer.Option(min=1, help="save after this many edits (and at the end)")] = 100,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
 ) -> None:
     """Apply the edits in EDITS to the model and write the edit memory to --out."""
     try:
         records = read_edits(edits)
-        if resume and (out / "memory.json").exists():
-            if set_:
-                raise ConfigError("--set cannot change a saved memory's settings when resuming")
-            manifest = read_manifest(out)
-            base, tokenizer, name = load_base(model or manifest["base"]["name"], dtype, device)
-            elder = load_memory(out, base, tokenizer, name)
-            records = [r for r in records if r.id not in elder.edit_log]
-            typer.echo(f"resuming: {len(elder.edit_log)} edits in {out}, {len(records)} to go", err=True)
-        else:
-            if (out / "memory.json").exists():
-                raise ValueError(f"{out} already holds a memory; pass --resume to continue it")
-            config = ElderConfig.preset(preset, **_parse_overrides(set_))
-            base, tokenizer, name = load_base(model, dtype, device)
-            elder = ElderModel(base, tokenizer, config, name)
-        pending = 0
+        overrides = _parse_overrides(set_)
+        if replace and not resume:
+            raise ConfigError("--replace needs --resume (it replaces edits of a memory being continued)")
+        with memory_lock(out):
+            if resume and (out / MANIFEST).exists():
+                if set_:
+                    raise ConfigError("--set cannot change a saved memory's settings when resuming")
+                manifest = read_manifest(out)
+                base, tokenizer, name = load_base(model or manifest["base"]["name"], dtype, device)
+                elder = load_memory(out, base, tokenizer, name)
+                records = _resumed(elder, records, replace)
+            else:
+                if (out / MANIFEST).exists():
+                    raise ValueError(f"{out} already holds a memory; pass --resume to continue it")
+                config = ElderConfig.preset(preset, **overrides)
+                base, tokenizer, name = load_base(model, dtype, device)
+                elder = ElderModel(base, tokenizer, config, name)
+            pending = 0
 
-        def checkpoint(batch_results):
-            nonlocal pending
-            pending += len(batch_results)
-            if pending >= save_every:
-                save_memory(elder, out)
-                pending = 0
+            def checkpoint(batch_results):
+                nonlocal pending
+                pending += len(batch_results)
+                if pending >= save_every:
+                    save_memory(elder, out)
+                    pending = 0
 
-        results = apply_edits(elder, records, progress=sys.stderr.isatty(), on_batch=checkpoint)
-        save_memory(elder, out)
+            results = apply_edits(elder, records, progress=sys.stderr.isatty(), on_batch=checkpoint)
+            save_memory(elder, out)
     except _USER_ERRORS as error:
         _fail(error)
     seconds = sorted(r.seconds for r in results)
@@ -97,12 +105,33 @@ def edit(
                f"memory holds {len(elder.edit_log)} edits in {out}")
 
 
+def _resumed(elder: ElderModel, records: list, replace: bool) -> list:
+    """The records still to apply to a loaded memory: a held id with the same edit is skipped; one with another
+    prompt, target or subject is refused, or with `replace` forgotten and applied anew."""
+    held = [r for r in records if r.id in elder.edit_log]
+    changed = [r.id for r in held if _edit_of(elder.edit_log[r.id]["record"]) != _edit_of(r.to_dict())]
+    if changed and not replace:
+        shown = ", ".join(map(repr, changed[:3])) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise ValueError(f"{len(changed)} edits have an id the memory holds with another prompt, target or subject "
+                         f"({shown}); give a new fact a new id, or pass --replace to forget the held ones")
+    for edit_id in changed:
+        forget(elder, edit_id)
+    todo = [r for r in records if r.id not in elder.edit_log]
+    typer.echo(f"resuming: {len(elder.edit_log)} edits in the memory; {len(held) - len(changed)} of the file's "
+               f"already held (skipped), {len(changed)} replaced, {len(todo)} to apply", err=True)
+    return todo
+
+
+def _edit_of(record: dict) -> tuple:
+    return record["prompt"], record["target"], record.get("subject")
+
+
 @app.command()
 def ask(
     prompts: Annotated[list[str], typer.Argument(help="prompts to answer")],
     memory: Annotated[Optional[Path], typer.Option(help="edit memory folder; none: the base model")] = None,
     model: ModelOpt = None,
-    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate per answer")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens to generate per answer")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object per line")] = False,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -139,7 +168,14 @@ def demo(
     from elder.demo import run_demo
 
     try:
-        run_demo(facts, out, ElderConfig.preset(preset, **_parse_overrides(set_)), echo=typer.echo)
+        config = ElderConfig.preset(preset, **_parse_overrides(set_))
+        if out is None:
+            run_demo(facts, None, config, echo=typer.echo)
+        else:
+            with memory_lock(out):
+                if (out / MANIFEST).exists():
+                    raise ValueError(f"{out} already holds a memory; the demo saves only to a new folder")
+                run_demo(facts, out, config, echo=typer.echo)
     except _USER_ERRORS as error:
         _fail(error)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -144,31 +145,50 @@ def _probe_from_json(item: Any, where: str) -> LocalityProbe:
         raise DataError(f"{where}: {e}") from None
 
 
+def content_id(prompt: str, target: str) -> str:
+    """The id of a record that names none: the first 16 hex digits of the SHA-256 of its prompt and target, so that
+    the same edit keeps its id wherever it stands in the file."""
+    return hashlib.sha256(json.dumps([prompt, target], ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
 def read_edits(path: str | os.PathLike[str]) -> list[EditRecord]:
-    """Read edit records from a JSONL file, one object per line."""
+    """Read edit records from a JSONL file, one object per line; a record without an `id` gets its content_id."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             # Not splitlines(): JSON strings may hold raw U+2028 and friends.
-            lines = f.read().split("\n")
+            raw_lines = f.read().split(b"\n")
     except FileNotFoundError:
         raise DataError(f"{path}: no such edits file") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not an edits file") from None
+    except OSError as e:
         raise DataError(f"{path}: cannot read edits file: {e}") from None
 
     records: list[EditRecord] = []
     first_line: dict[str, int] = {}
-    for lineno, line in enumerate(lines, 1):
+    for lineno, raw in enumerate(raw_lines, 1):
+        where = f"{path} line {lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line)") from None
         if not line.strip():
             continue
-        where = f"{path} line {lineno}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-        record = EditRecord.from_dict(obj, where, default_id=str(lineno))
+        except RecursionError:
+            raise DataError(f"{where}: invalid JSON: nested too deeply") from None
+        default = None
+        if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("target"), str):
+            default = content_id(obj["prompt"], obj["target"])
+        record = EditRecord.from_dict(obj, where, default_id=default)
         if record.id in first_line:
             first = first_line[record.id]
-            raise DataError(f"{where}: duplicate id {record.id!r} (first used on line {first})")
+            if "id" in obj:
+                raise DataError(f"{where}: duplicate id {record.id!r} (first used on line {first})")
+            raise DataError(f"{where}: the same edit (prompt and target) as line {first}")
         first_line[record.id] = lineno
         records.append(record)
     if not records:

@@ -65,15 +65,40 @@ def embedded_model_path() -> Path:
     return target
 
 
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id: absolute, relative (./, ../, ~), or with more than one slash."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _check_device(device: str) -> None:
+    """A one-line error for a device torch does not know or this machine does not have."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r}: this machine has no CUDA GPU (torch sees none)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device {device!r}: MPS is not available on this machine")
+
+
 def load_base(name: str | None = None, dtype: str | torch.dtype | None = None, device: str | None = None,
               device_map: str | dict | None = None):
     """(model, tokenizer, name) for a hub id, a local folder, or None/'smollm2-135m' for the embedded default."""
-    name = name or DEFAULT_MODEL
-    source = embedded_model_path() if name == DEFAULT_MODEL else name
+    name = str(name) if name else DEFAULT_MODEL
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
+    if device is not None:
+        _check_device(device)
+    if name != DEFAULT_MODEL and _looks_like_path(name) and not Path(name).expanduser().exists():
+        raise ModelLoadError(f"cannot load model {name!r}: no such folder")
+    source = embedded_model_path() if name == DEFAULT_MODEL else str(Path(name).expanduser()) \
+        if _looks_like_path(name) else name
     kwargs = {"dtype": dtype or torch.float32}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -81,7 +106,11 @@ def load_base(name: str | None = None, dtype: str | torch.dtype | None = None, d
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:
-        raise ModelLoadError(f"cannot load model {name!r}: {error}") from error
+        if not Path(source).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ModelLoadError(f"cannot load model {name!r}: it is not a local folder, and the Hugging Face Hub "
+                                 "is offline (HF_HUB_OFFLINE=1)") from None
+        lines = str(error).strip().splitlines()
+        raise ModelLoadError(f"cannot load model {name!r}: {lines[0] if lines else type(error).__name__}") from None
     if device is not None and device_map is None:
         model.to(device)
     model.eval()

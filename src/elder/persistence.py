@@ -6,9 +6,12 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -17,8 +20,8 @@ from elder.mechanism import ElderModel
 from elder.mechanism.targets import get_module, num_hidden_layers
 
 FORMAT = "elder-memory"
-FORMAT_VERSION = 4  # 4: subject keys of key_span tokens, read spaced; 3: subject keys (bank.keys); 2: int8 stored queries plus a scale per row; 1: fp16 queries
-READABLE_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5  # 5: the manifest carries its own checksum; 4: subject keys of key_span tokens, read spaced; 3: subject keys (bank.keys); 2: int8 stored queries plus a scale per row; 1: fp16 queries
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 MANIFEST = "memory.json"
 _FINGERPRINT_VALUES = 256  # leading weights of each adapted module: enough to tell checkpoints apart
 
@@ -64,11 +67,46 @@ def save_memory(model: ElderModel, directory: str | os.PathLike) -> Path:
         "preset_ids": preset_ids,
         "edits": model.edit_log,
     }
+    manifest["checksum"] = _manifest_checksum(manifest)
     _write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False))
     for stale in directory.glob("adapters-*.safetensors"):
         if stale.name != tensor_file:
             stale.unlink(missing_ok=True)
     return directory
+
+
+LOCK = ".elder.lock"
+
+
+class MemoryBusyError(RuntimeError):
+    """Another process holds the memory folder's write lock."""
+
+
+@contextmanager
+def memory_lock(directory: str | os.PathLike) -> Iterator[Path]:
+    """Hold the write lock of a memory folder (created if missing) for the block; a second writer is refused at
+    once, so two runs can never both load, extend and save one memory. Once the lock is held, temporary files that
+    a killed writer left behind are removed, and a folder holding memory tensors but no manifest (damaged, or
+    copied in part) is refused rather than overwritten."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise MemoryFormatError(f"{directory} is a file, not a memory folder")
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(directory / LOCK, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise MemoryBusyError(f"{directory} is being written by another elder process (it holds {LOCK}); "
+                              "wait for that one to finish") from None
+    try:
+        for stale in directory.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+        if not (directory / MANIFEST).exists() and any(directory.glob("adapters-*.safetensors")):
+            raise MemoryFormatError(f"{directory} holds memory tensors but no {MANIFEST} (a damaged or partly copied "
+                                    "memory); it is left as it is: restore its manifest or choose another folder")
+        yield directory
+    finally:
+        lock.release()
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
@@ -85,7 +123,16 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     if manifest.get("format_version") not in READABLE_VERSIONS:
         raise MemoryFormatError(f"{path} has format version {manifest.get('format_version')}; "
                                 f"this elder reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+    if manifest["format_version"] >= 5 and manifest.get("checksum") != _manifest_checksum(manifest):
+        raise MemoryFormatError(f"{path} was changed after it was saved (its checksum does not match): a hand edit "
+                                "of a setting or of the edit log would silently change or repeat edits")
     return manifest
+
+
+def _manifest_checksum(manifest: dict) -> str:
+    """SHA-256 of the manifest without its checksum, in one canonical JSON spelling."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def load_memory(directory: str | os.PathLike, base, tokenizer, base_name: str | None = None) -> ElderModel:
@@ -118,6 +165,7 @@ def load_memory(directory: str | os.PathLike, base, tokenizer, base_name: str | 
                                 f"fit this one: {error}") from None
     try:
         _check_base(model, saved_base, tensors)
+        _check_shapes(model, tensors)
         state = {k.removeprefix("adapters."): v for k, v in tensors.items() if k.startswith("adapters.")}
         model.adapters.load_state_dict(state, strict=True)
         if bank_ids:
@@ -140,6 +188,22 @@ def load_memory(directory: str | os.PathLike, base, tokenizer, base_name: str | 
         model.detach()
         raise
     return model
+
+
+def _check_shapes(model: ElderModel, tensors: dict) -> None:
+    """The manifest's settings against what the tensors hold, naming the setting that disagrees."""
+    config = model.config
+    saved_layers = len({k.split(".")[1] for k in tensors if k.startswith("adapters.") and k.endswith(".lora_A")})
+    checks = [("num_layers", len(model.adapters), saved_layers, "{} adapted layers")]
+    if "adapters.0.lora_A" in tensors:
+        experts, rank = tensors["adapters.0.lora_A"].shape[:2]
+        checks += [("num_experts", config.num_experts, experts, "{} experts per layer"),
+                   ("rank", config.rank, rank, "experts of rank {}")]
+    if "presets" in tensors:
+        checks.append(("top_k", config.top_k, tensors["presets"].shape[-1], "presets of {} experts per layer"))
+    for name, said, held, what in checks:
+        if said != held:
+            raise MemoryFormatError(f"the manifest says {name}={said}, but its tensors hold {what.format(held)}")
 
 
 def _base_identity(model: ElderModel) -> dict:

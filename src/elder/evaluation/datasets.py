@@ -10,7 +10,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from elder.data import DataError, EditRecord, LocalityProbe, read_edits
+from elder.data import DataError, EditRecord, LocalityProbe, content_id, read_edits
 
 KINDS = ("zsre", "counterfact", "jsonl", "hf")
 
@@ -158,8 +158,10 @@ def _from_flat(d: dict[str, Any], index: int, where: str, stem: str) -> EditReco
 
 
 def _from_edits(d: dict[str, Any], index: int, where: str, stem: str) -> EditRecord:
-    # Default ids count from 1, as read_edits numbers lines of a file without blank lines.
-    return EditRecord.from_dict(d, where, default_id=str(index + 1))
+    # A record without an id gets its content_id, as read_edits gives it.
+    default = content_id(d["prompt"], d["target"]) if isinstance(d, dict) and isinstance(d.get("prompt"), str) \
+        and isinstance(d.get("target"), str) else None
+    return EditRecord.from_dict(d, where, default_id=default)
 
 
 _Converter = Callable[[dict[str, Any], int, str, str], EditRecord]
