@@ -1,14 +1,16 @@
 """Which prompts a bank of T subject keys lets into the memory, with no training: keys come from frozen layers, so
 whether a prompt uses the memory depends on the stored keys alone, and a deferral design can be compared in minutes.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/keys.py --data counterfact:../shared/data/counterfact_mend_edit_10000.json \
-        --edits 1000 --config '{}' --config '{"key_span": 1}'
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/keys.py \
+        --data counterfact:../shared/data/counterfact_mend_train_10000.json --edits 1000 \
+        --config '{}' --config '{"key_span": 1}'
 
 For each configuration (the `fast` preset plus the given settings: key_layer, key_span, key_gate, key_spaced) the
-first T records' keys are stored, and every edit prompt, rephrase and locality probe (by kind: unrelated, neighbour;
-ZsRE's neighbours are made as `elder bench` makes them, from the file's other records) is matched
-against them. The table gives the share (%) whose best match reaches each key_threshold; neighbours are split into those that name a subject edited in the stream
-(the memory is right to know that subject) and the others (a false match).
+first T records' keys are stored, and every edit prompt, rephrase and locality probe (by kind: unrelated,
+neighbour; ZsRE's neighbours are made as `elder bench` makes them, from the file's other records) is matched
+against them. The table gives the share (%) whose best match reaches each key_threshold; neighbours are split
+into those that name a subject edited in the stream (the memory is right to know that subject) and the others
+(a false match).
 """
 
 from __future__ import annotations

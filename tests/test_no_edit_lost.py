@@ -35,8 +35,8 @@ def run(*args):
 
 def one_error(result) -> bool:
     """Exactly one line of error (progress bars of model loading aside), and no traceback."""
-    return [line.startswith("error: ") for line in result.output.splitlines() if line.strip() and "it/s]" not in line] == [True] \
-        and "Traceback" not in result.output
+    shown = [line for line in result.output.splitlines() if line.strip() and "it/s]" not in line]
+    return [line.startswith("error: ") for line in shown] == [True] and "Traceback" not in result.output
 
 
 def lines(path, records):
@@ -200,7 +200,8 @@ def test_ask_refuses_a_non_positive_token_count(tiny_dir):
 
 def test_a_non_utf8_edits_file_is_reported_with_its_line(tmp_path):
     path = tmp_path / "e.jsonl"
-    path.write_bytes(b'{"id": "a", "prompt": "Q: x?", "target": "y"}\n{"id": "b", "prompt": "Q: \xff?", "target": "z"}\n')
+    path.write_bytes(b'{"id": "a", "prompt": "Q: x?", "target": "y"}\n'
+                     b'{"id": "b", "prompt": "Q: \xff?", "target": "z"}\n')
     with pytest.raises(DataError, match="line 2: not UTF-8"):
         read_edits(path)
 

@@ -14,10 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded model and local fol
 
 from elder.config import ConfigError, ElderConfig, parse_setting  # noqa: E402
 from elder.data import DataError, read_edits  # noqa: E402
-from elder.editing import NonFiniteLossError, apply_edits  # noqa: E402
+from elder.editing import NonFiniteLossError, apply_edits, forget  # noqa: E402
 from elder.mechanism import ElderModel, InputError  # noqa: E402
 from elder.models import DEFAULT_MODEL, ModelLoadError, load_base  # noqa: E402
-from elder.editing import forget  # noqa: E402
 from elder.persistence import (MANIFEST, MemoryBusyError, MemoryFormatError, load_memory, memory_lock,  # noqa: E402
                                read_manifest, save_memory)
 

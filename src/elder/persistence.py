@@ -20,7 +20,9 @@ from elder.mechanism import ElderModel
 from elder.mechanism.targets import get_module, num_hidden_layers
 
 FORMAT = "elder-memory"
-FORMAT_VERSION = 5  # 5: the manifest carries its own checksum; 4: subject keys of key_span tokens, read spaced; 3: subject keys (bank.keys); 2: int8 stored queries plus a scale per row; 1: fp16 queries
+# 5: the manifest carries its own checksum; 4: subject keys of key_span tokens, read spaced; 3: subject keys
+# (bank.keys); 2: int8 stored queries plus a scale per row; 1: fp16 queries
+FORMAT_VERSION = 5
 READABLE_VERSIONS = (1, 2, 3, 4, 5)
 MANIFEST = "memory.json"
 _FINGERPRINT_VALUES = 256  # leading weights of each adapted module: enough to tell checkpoints apart
