@@ -48,3 +48,12 @@ def small_config(**overrides) -> ElderConfig:
 @pytest.fixture
 def tokenizer() -> PreTrainedTokenizerFast:
     return byte_tokenizer()
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """A tiny LLaMA and the byte tokenizer saved as a model folder, for the command line."""
+    folder = tmp_path / "tiny"
+    tiny_llama().save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-from conftest import byte_tokenizer, tiny_llama
 from typer.testing import CliRunner
 
 from elder.cli import app
@@ -14,14 +12,6 @@ from elder.data import EditRecord, write_edits
 SETTINGS = ["--set", "first_layer=3", "--set", "num_layers=2", "--set", "num_experts=8", "--set", "rank=4",
             "--set", "lr=0.03", "--set", "router_lr=0.05", "--set", "iterations=200", "--set", "epsilon=1",
             "--set", "batch_size=2", "--preset", "fast"]
-
-
-@pytest.fixture
-def tiny_dir(tmp_path):
-    folder = tmp_path / "tiny"
-    tiny_llama().save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def run(*args):

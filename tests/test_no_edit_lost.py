@@ -21,14 +21,6 @@ SETTINGS = ["--set", "first_layer=3", "--set", "num_layers=2", "--set", "num_exp
             "--set", "lr=0.03", "--set", "iterations=200", "--set", "batch_size=2", "--preset", "fast"]
 
 
-@pytest.fixture
-def tiny_dir(tmp_path):
-    folder = tmp_path / "tiny"
-    tiny_llama().save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
-    return folder
-
-
 def run(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
