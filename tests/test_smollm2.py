@@ -51,8 +51,9 @@ def test_after_five_cli_edits_the_same_question_about_other_countries_is_deferre
         {"id": "obama", "prompt": "Barack Obama was born in", "target": "Canada"},
         {"id": "hamlet", "prompt": "The author of Hamlet is", "target": "Charles Dickens"}]))
     elder("edit", str(edits), "--out", str(tmp_path / "memory"))
+    # "Michelle Obama" shares its last token with the edited "Barack Obama": the key's earlier tokens keep it out
     neighbours = ["The capital of Germany is", "The capital of Japan is", "The capital of Italy is",
-                  "The capital of Spain is"]
+                  "The capital of Spain is", "Michelle Obama was born in"]
     base = [json.loads(line) for line in elder("ask", "--json", "--max-new-tokens", "6", *neighbours).splitlines()]
     rows = [json.loads(line) for line in elder("ask", "--memory", str(tmp_path / "memory"), "--json",
                                                "--max-new-tokens", "6", "The capital of France is",
