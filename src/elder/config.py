@@ -121,7 +121,8 @@ class ElderConfig:
             value = getattr(self, name)
             if not any(_is_kind(value, kind) for kind in kinds):
                 raise ConfigError(f"{name} must be {_kind_words(kinds)}, got {value!r}")
-        positive = ("num_experts", "rank", "top_k", "num_layers", "batch_size", "iterations", "max_target_tokens")
+        positive = ("num_experts", "rank", "top_k", "num_layers", "batch_size", "iterations", "max_target_tokens",
+                    "key_span")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -154,13 +155,8 @@ class ElderConfig:
                               "matched edit); set answer_span=all")
         if not isinstance(self.key_threshold, (int, float)) or not -1.0 <= self.key_threshold <= 1.0:
             raise ConfigError(f"key_threshold must be a cosine similarity in [-1, 1], got {self.key_threshold!r}")
-        if isinstance(self.key_span, bool) or not isinstance(self.key_span, int) or self.key_span < 1:
-            raise ConfigError(f"key_span must be an integer >= 1, got {self.key_span!r}")
-        if not isinstance(self.key_gate, (int, float)) or isinstance(self.key_gate, bool) \
-                or not -1.0 <= self.key_gate <= 1.0:
+        if not -1.0 <= self.key_gate <= 1.0:  # its type, as every setting's, is checked above
             raise ConfigError(f"key_gate must be a cosine similarity in [-1, 1], got {self.key_gate!r}")
-        if not isinstance(self.key_spaced, bool):
-            raise ConfigError(f"key_spaced must be true or false, got {self.key_spaced!r}")
         if self.key_layer is not None and (not isinstance(self.key_layer, int) or self.key_layer < 1):
             raise ConfigError(f"key_layer must be a positive integer, got {self.key_layer!r}")
         if self.module_paths is not None and len(self.module_paths) == 0:

@@ -83,8 +83,8 @@ class EditRecord:
                 )
 
     @classmethod
-    def from_dict(cls, d: Any, where: str, default_id: str | None = None) -> EditRecord:
-        """Build a record from its JSON form; errors start with `where`."""
+    def from_dict(cls, d: Any, where: str) -> EditRecord:
+        """Build a record from its JSON form (without an `id`, its content_id); errors start with `where`."""
         if not isinstance(d, dict):
             raise DataError(f"{where}: expected a JSON object, got {_type_name(d)}")
         unknown = sorted(set(d) - _RECORD_KEYS)
@@ -95,9 +95,7 @@ class EditRecord:
                 raise DataError(f"{where}: missing {key!r}")
             if not isinstance(d[key], str):
                 raise DataError(f"{where}: {key!r} must be a string, got {_type_name(d[key])}")
-        record_id = d.get("id", default_id)
-        if record_id is None:
-            raise DataError(f"{where}: missing 'id'")
+        record_id = d["id"] if "id" in d else content_id(d["prompt"], d["target"])
         if not isinstance(record_id, str):
             raise DataError(f"{where}: 'id' must be a string, got {_type_name(record_id)}")
         rephrases = d.get("rephrases", [])
@@ -180,10 +178,7 @@ def read_edits(path: str | os.PathLike[str]) -> list[EditRecord]:
             raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
         except RecursionError:
             raise DataError(f"{where}: invalid JSON: nested too deeply") from None
-        default = None
-        if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("target"), str):
-            default = content_id(obj["prompt"], obj["target"])
-        record = EditRecord.from_dict(obj, where, default_id=default)
+        record = EditRecord.from_dict(obj, where)
         if record.id in first_line:
             first = first_line[record.id]
             if "id" in obj:

@@ -95,10 +95,14 @@ def load_base(name: str | None = None, dtype: str | torch.dtype | None = None, d
         dtype = DTYPES[dtype]
     if device is not None:
         _check_device(device)
-    if name != DEFAULT_MODEL and _looks_like_path(name) and not Path(name).expanduser().exists():
-        raise ModelLoadError(f"cannot load model {name!r}: no such folder")
-    source = embedded_model_path() if name == DEFAULT_MODEL else str(Path(name).expanduser()) \
-        if _looks_like_path(name) else name
+    if name == DEFAULT_MODEL:
+        source = str(embedded_model_path())
+    elif _looks_like_path(name):
+        source = str(Path(name).expanduser())
+        if not Path(source).exists():
+            raise ModelLoadError(f"cannot load model {name!r}: no such folder")
+    else:
+        source = name
     kwargs = {"dtype": dtype or torch.float32}
     if device_map is not None:
         kwargs["device_map"] = device_map

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from elder.data import DataError, EditRecord, LocalityProbe, content_id, read_edits
+from elder.data import DataError, EditRecord, LocalityProbe, read_edits
 
 KINDS = ("zsre", "counterfact", "jsonl", "hf")
 
@@ -158,10 +158,7 @@ def _from_flat(d: dict[str, Any], index: int, where: str, stem: str) -> EditReco
 
 
 def _from_edits(d: dict[str, Any], index: int, where: str, stem: str) -> EditRecord:
-    # A record without an id gets its content_id, as read_edits gives it.
-    default = content_id(d["prompt"], d["target"]) if isinstance(d, dict) and isinstance(d.get("prompt"), str) \
-        and isinstance(d.get("target"), str) else None
-    return EditRecord.from_dict(d, where, default_id=default)
+    return EditRecord.from_dict(d, where)  # a record without an id gets its content_id, as read_edits gives it
 
 
 _Converter = Callable[[dict[str, Any], int, str, str], EditRecord]
