@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from conftest import byte_tokenizer, small_config, tiny_llama
 from typer.testing import CliRunner
 
 from elder.cli import app
-from elder.data import EditRecord, LocalityProbe, write_edits
+from elder.data import DataError, EditRecord, LocalityProbe, write_edits
 from elder.evaluation.harness import BenchSettings, RunError, held_out, run_bench
 from elder.evaluation.datasets import with_neighbours
 from elder.evaluation.metrics import (begins_with, generation_scores, ngram_entropy, repeats, score_edits,
@@ -85,6 +86,21 @@ def test_bench_splits_get_neighbours_from_records_outside_them(tmp_path):
     assert validation[0].locality[0].prompt == "Who founded S4?"
     plain, _ = _splits(BenchSettings(data=f"jsonl:{data}", edits=3, validation=1, neighbours=False))
     assert all(not r.locality for r in plain)
+
+
+def test_validation_records_sharing_a_test_prompt_are_passed_over(tmp_path):
+    from elder.evaluation.harness import _splits
+
+    stream, other = tmp_path / "stream.jsonl", tmp_path / "other.jsonl"
+    write_edits(stream, [EditRecord(f"t{i}", f"Who founded S{i}?", "Bob", subject=f"S{i}") for i in range(3)])
+    write_edits(other, [EditRecord("v0", "Who founded S1?", "Al", subject="S1")]
+                + [EditRecord(f"v{i}", f"Who founded V{i}?", "Al", subject=f"V{i}") for i in range(1, 5)])
+    settings = BenchSettings(data=f"jsonl:{stream}", edits=3, validation=2, validation_data=f"jsonl:{other}")
+    _, validation = _splits(settings)
+    assert [r.id for r in validation] == ["v1", "v2"]
+    assert [r.locality[0].prompt for r in validation] == ["Who founded V3?", "Who founded V4?"]
+    with pytest.raises(DataError, match="only 4 of the validation data's edit prompts are outside"):
+        _splits(dataclasses.replace(settings, validation=5))
 
 
 def test_generation_judges_free_answers():

@@ -150,12 +150,9 @@ def _splits(settings: BenchSettings) -> tuple[tuple[EditRecord, ...], tuple[Edit
         test, validation = split_benchmark(bench, settings.edits, settings.validation)
     else:
         test = load_benchmark(settings.data, limit=settings.edits, offset=settings.offset).records
-        validation = ()
+        validation, after = (), 0
         if settings.validation:
-            validation = load_benchmark(settings.validation_data, limit=settings.validation).records
-            shared = {r.prompt for r in test} & {r.prompt for r in validation}
-            if shared:
-                raise DataError(f"the validation data shares {len(shared)} edit prompts with the test split")
+            validation, after = _validation_records(settings, {r.prompt for r in test})
     if not settings.neighbours:
         return test, validation
     # only subjects are taken from outside the splits, so a malformed record there is left out, not an error
@@ -167,8 +164,24 @@ def _splits(settings: BenchSettings) -> tuple[tuple[EditRecord, ...], tuple[Edit
         edited = {r.id for r in test}
         test_pool = [r for r in every if r.id not in edited]
         validation_pool = () if not validation else load_benchmark(
-            settings.validation_data, offset=settings.validation, skip_invalid=True).records
+            settings.validation_data, offset=after, skip_invalid=True).records
     return with_neighbours(test, test_pool), with_neighbours(validation, validation_pool)
+
+
+def _validation_records(settings: BenchSettings, test_prompts: set[str]) -> tuple[tuple[EditRecord, ...], int]:
+    """The first `validation` records of the validation data whose edit prompt is not in the test split (a record
+    sharing one is passed over, so no tuned threshold has seen a test edit), and the offset just after them."""
+    kept: list[EditRecord] = []
+    offset = 0
+    while len(kept) < settings.validation:
+        try:
+            part = load_benchmark(settings.validation_data, limit=settings.validation - len(kept), offset=offset)
+        except DataError as error:
+            raise DataError(f"{settings.validation} validation edits asked for, but only {len(kept)} of the "
+                            f"validation data's edit prompts are outside the test split ({error})") from None
+        offset += len(part.records)
+        kept += [r for r in part.records if r.prompt not in test_prompts]
+    return tuple(kept), offset
 
 
 def _run_method(name: str, settings: BenchSettings, folder: Path, base_folder: Path, test, validation, base,
