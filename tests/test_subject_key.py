@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -132,6 +134,20 @@ def test_answer_span_target_stops_the_experts_once_the_target_is_generated(span,
     (answer,) = model.generate(["Where does Zorbulaq live? In"], max_new_tokens=9)
     assert answer.used_memory and answer.text.startswith(" Quem")
     assert calls == [1] * forwards * len(model.adapters)  # one row, in each adapted layer, on each such forward
+
+
+def test_after_the_target_the_base_model_goes_on_from_the_prompt_and_the_target_read_afresh():
+    model = keyed()
+    apply_edits(model, EDITS, progress=False)
+    prompts = [EDITS[0].prompt, "Where does Pennimore live? In"]
+    edited, deferred = model.generate(prompts, max_new_tokens=12)
+    assert edited.used_memory and not deferred.used_memory
+    (plain,) = model.generate([EDITS[0].prompt + " Quem"], max_new_tokens=7, use_memory=False)
+    assert edited.text == " Quem" + plain.text  # the base model's own continuation of the edited fact
+    assert deferred.text == model.generate(prompts[1:], 12, use_memory=False)[0].text
+    model.config = dataclasses.replace(model.config, answer_reread=False)  # the cached prompt states the experts
+    (stale,) = model.generate(prompts[:1], max_new_tokens=12)               # changed pull the answer elsewhere
+    assert stale.text.startswith(" Quem") and stale.text != edited.text
 
 
 def test_answer_span_target_needs_a_subject_key():

@@ -76,6 +76,12 @@ class ElderConfig:
                           "deferral='subject_key', which names the matched edit); None: 'target' under subject_key, "
                           "else 'all'"},
     )
+    answer_reread: bool = field(
+        default=True,
+        metadata={"help": "generation under answer_span='target': once the matched edit's target is out, the base "
+                          "model reads the prompt and the target afresh and continues from its own states (False: it "
+                          "continues over the prompt states the experts changed, which pull it back to the target)"},
+    )
     replay: int = field(
         default=0,
         metadata={"help": "earlier edits trained again beside each new batch, drawn at random (0: none, the paper); "
@@ -166,6 +172,11 @@ class ElderConfig:
     def spans_target(self) -> bool:
         """Whether generation stops the experts once the matched edit's target is out (answer_span resolved)."""
         return self.answer_span == "target" or (self.answer_span is None and self.deferral == "subject_key")
+
+    @property
+    def rereads_answer(self) -> bool:
+        """Whether generation continues after the matched edit's target from states the base model reads afresh."""
+        return self.spans_target and self.answer_reread
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ElderConfig":

@@ -63,6 +63,7 @@ class _Session:
     answer: tuple[list[str], list[list[int]]] | None = None  # generation under answer_span='target': prompts, ids
     span: torch.Tensor | None = None  # (batch,) forwards of the generation that use the experts (None: all)
     step: int = 0  # forwards since the route was taken: the generated token each forward produces
+    started: bool = False  # whether a forward has run (a route planned before the first one leaves it False)
 
 
 class _StopForward(Exception):
@@ -202,10 +203,15 @@ class ElderModel:
         session = self._session
         if session is None:
             return
-        if session.route is not None:
+        if session.route is None:
+            self._plan(session, args[0])
+        elif session.started:
             session.step += 1  # a later decoding step: it keeps the prompt's route
-            return
-        session.route = self._session_route(session, args[0])
+        session.started = True
+
+    def _plan(self, session: _Session, hidden: torch.Tensor | None = None) -> None:
+        """Take the session's route (and, for a generation under answer_span='target', each row's answer span)."""
+        session.route = self._session_route(session, hidden)
         if session.answer is not None:
             session.span = self._answer_span(session.route, *session.answer)
 
@@ -397,17 +403,53 @@ class ElderModel:
             max_new_tokens = max(1, min(max_new_tokens, limit - input_ids.shape[1]))
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                       do_sample=False, num_beams=1, pad_token_id=pad_id(self.tokenizer))
-        if use_memory:
-            rows = None if self.key_path is None else [
-                ids[mask.bool()].tolist() for ids, mask in zip(input_ids.cpu(), attention_mask.cpu())]
-            with self.routing(None, defer=True, key_rows=rows, answer=prompts) as session:
-                out = self.base.generate(**kwargs)
-            used, distance = session.route.used.tolist(), session.route.distance.tolist()
-        else:
+        width = input_ids.shape[1]
+        if not use_memory:
+            texts = self.tokenizer.batch_decode(self.base.generate(**kwargs)[:, width:], skip_special_tokens=True)
+            return [Answer(p, t, False, float("inf")) for p, t in zip(prompts, texts)]
+        rows = None if self.key_path is None else [
+            ids[mask.bool()].tolist() for ids, mask in zip(input_ids.cpu(), attention_mask.cpu())]
+        reread = self.key_path is not None and self.config.rereads_answer
+        with self.routing(None, defer=True, key_rows=rows, answer=prompts) as session:
+            if reread:
+                self._plan(session)  # the key route needs no forward: each row's answer span is known first
+                spans = [min(s, max_new_tokens) if u else 0
+                         for s, u in zip(session.span.tolist(), session.route.used.tolist())]
+                if max(spans) > 0:  # else every row defers: one plain generation, the base model's
+                    kwargs["max_new_tokens"] = max(spans)
             out = self.base.generate(**kwargs)
-            used, distance = [False] * len(prompts), [float("inf")] * len(prompts)
-        texts = self.tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+        used, distance = session.route.used.tolist(), session.route.distance.tolist()
+        answers = [row.tolist() for row in out[:, width:]]
+        if reread and max(spans) > 0:
+            answers = self._continue(rows, answers, spans, max_new_tokens)
+        texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
         return [Answer(p, t, u, d) for p, t, u, d in zip(prompts, texts, used, distance)]
+
+    def _continue(self, prompts: list[list[int]], answers: list[list[int]], spans: list[int],
+                  max_new_tokens: int) -> list[list[int]]:
+        """Continue each answer with the base model from the prompt and the answer so far, read afresh: a row that
+        used the memory keeps its answer span's tokens (the target), one that deferred keeps all its tokens."""
+        stop = self.base.generation_config.eos_token_id
+        stops = set(stop if isinstance(stop, list) else [stop]) - {None}
+        kept, open_rows = [], []
+        for i, (answer, span) in enumerate(zip(answers, spans, strict=True)):
+            tokens = answer[:span] if span else answer
+            end = next((j for j, t in enumerate(tokens) if t in stops), None)
+            kept.append(tokens if end is None else tokens[:end + 1])
+            if end is None:
+                open_rows.append(i)
+        open_rows = [i for i in open_rows if len(kept[i]) < max_new_tokens]
+        if not open_rows:
+            return kept
+        longest = max_new_tokens - min(len(kept[i]) for i in open_rows)
+        input_ids, attention_mask = pad_rows([prompts[i] + kept[i] for i in open_rows], pad_id(self.tokenizer),
+                                             left=True)
+        out = self.base.generate(input_ids=input_ids.to(self.input_device),
+                                 attention_mask=attention_mask.to(self.input_device), max_new_tokens=longest,
+                                 do_sample=False, num_beams=1, pad_token_id=pad_id(self.tokenizer))
+        for i, row in zip(open_rows, out[:, input_ids.shape[1]:].tolist(), strict=True):
+            kept[i] = kept[i] + row[:max_new_tokens - len(kept[i])]
+        return kept
 
     @torch.no_grad()
     def refresh_codes(self, chunk: int = 4096) -> None:
