@@ -409,19 +409,21 @@ class ElderModel:
             return [Answer(p, t, False, float("inf")) for p, t in zip(prompts, texts)]
         rows = None if self.key_path is None else [
             ids[mask.bool()].tolist() for ids, mask in zip(input_ids.cpu(), attention_mask.cpu())]
-        reread = self.key_path is not None and self.config.rereads_answer
         with self.routing(None, defer=True, key_rows=rows, answer=prompts) as session:
-            if reread:
+            if self.key_path is None or not self.config.rereads_answer:
+                answers = self.base.generate(**kwargs)[:, width:].tolist()
+            else:
                 self._plan(session)  # the key route needs no forward: each row's answer span is known first
                 spans = [min(s, max_new_tokens) if u else 0
                          for s, u in zip(session.span.tolist(), session.route.used.tolist())]
-                if max(spans) > 0:  # else every row defers: one plain generation, the base model's
-                    kwargs["max_new_tokens"] = max(spans)
-            out = self.base.generate(**kwargs)
-        used, distance = session.route.used.tolist(), session.route.distance.tolist()
-        answers = [row.tolist() for row in out[:, width:]]
-        if reread and max(spans) > 0:
+                answers = None
+                if max(spans) > 0:  # the edited model writes the targets; the base model goes on below
+                    answers = self.base.generate(**{**kwargs, "max_new_tokens": max(spans)})[:, width:].tolist()
+        if answers is None:  # every row defers: the base model's own generation, with no hook at work
+            answers = self.base.generate(**kwargs)[:, width:].tolist()
+        elif self.key_path is not None and self.config.rereads_answer:
             answers = self._continue(rows, answers, spans, max_new_tokens)
+        used, distance = session.route.used.tolist(), session.route.distance.tolist()
         texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
         return [Answer(p, t, u, d) for p, t, u, d in zip(prompts, texts, used, distance)]
 
