@@ -23,7 +23,7 @@ import json
 import statistics
 import time
 
-from elder.config import ConfigError
+from elder.settings import ConfigError
 from elder.data import DataError
 from elder.evaluation.datasets import load_benchmark, with_neighbours
 from elder.evaluation.metrics import generate_all, generation_scores, summarize_generation
@@ -111,7 +111,7 @@ def main() -> None:
         if not isinstance(settings, dict):
             parser.error(f"--config must be a JSON object, got {text!r}")
         try:
-            ElderMethod.check_settings(settings)  # a bad setting fails before anything is trained
+            ElderMethod.config(settings)  # a bad setting fails before anything is trained
         except ConfigError as error:
             parser.error(f"--config {text}: {error}")
         configs.append(settings)

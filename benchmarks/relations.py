@@ -21,7 +21,7 @@ import random
 import torch
 
 from elder import ElderConfig, ElderModel, load_base
-from elder.mechanism.targets import get_module
+from elder.modules import get_module
 
 THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 

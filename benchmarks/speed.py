@@ -23,8 +23,8 @@ import torch
 from elder import ElderConfig, ElderModel, apply_edits
 from elder.evaluation.datasets import load_benchmark
 from elder.evaluation.harness import machine_facts
-from elder.mechanism.codebank import CodeBank
-from elder.mechanism.inputs import TeacherForced
+from elder.methods.elder.codebank import CodeBank
+from elder.tokens import TeacherForced
 from elder.models import load_base
 
 

@@ -12,11 +12,13 @@ from typer.testing import CliRunner
 
 from elder.cli import app
 from elder.data import DataError, EditRecord, LocalityProbe, write_edits
-from elder.evaluation.harness import BenchSettings, RunError, held_out, run_bench
+from elder.data import held_out
+from elder.evaluation.harness import BenchSettings, RunError, run_bench
 from elder.evaluation.datasets import with_neighbours
 from elder.evaluation.metrics import (begins_with, generation_scores, ngram_entropy, repeats, score_edits,
                                       summarize, summarize_generation)
-from elder.methods import METHODS, ElderMethod, TokenPrediction, get_method
+from elder.methods import TokenPrediction, get_method, registered
+from elder.methods.elder import ElderMethod
 
 ELDER_SETTINGS = {"preset": "fast", **{k: v for k, v in small_config().to_dict().items()
                                        if k in ("first_layer", "num_layers", "num_experts", "rank", "lr", "router_lr",
@@ -155,7 +157,7 @@ def test_exact_match_is_greedy_generation_equal_to_the_target(tokenizer):
 
 
 def test_registry_finds_methods_by_name():
-    assert get_method("elder") is ElderMethod and "elder" in METHODS
+    assert get_method("elder") is ElderMethod and "elder" in registered()
     with pytest.raises(ValueError, match="unknown editing method 'nope'"):
         get_method("nope")
     with pytest.raises(ValueError, match="unknown editing method"):

@@ -6,7 +6,7 @@ import torch
 from conftest import small_config, tiny_llama
 
 from elder import ElderModel
-from elder.mechanism import CodeBank
+from elder.methods.elder.codebank import CodeBank
 
 
 def bits(text: str) -> torch.Tensor:

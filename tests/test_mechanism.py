@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import small_config, tiny_gpt2, tiny_llama
 
-from elder import ConfigError, EditRecord, ElderConfig, ElderModel, InputError, NonFiniteLossError, apply_edits, forget
-from elder.mechanism.inputs import prompt_batch, teacher_forced
-from elder.mechanism.targets import _band
+from elder import ConfigError, EditRecord, MethodError, ElderConfig, ElderModel, InputError, NonFiniteLossError, apply_edits, forget
+from elder.tokens import prompt_batch, teacher_forced
+from elder.methods.elder.targets import _band
 
 EDITS = [EditRecord("a", "Q: color of sky?", "violet"), EditRecord("b", "Q: best pet?", "a red fox")]
 
@@ -137,7 +137,7 @@ def test_stop_probability_trains_past_the_argmax_to_the_margin(tokenizer):
 
 
 def test_routed_checks_the_top_k_and_the_logit_margin():
-    from elder.editing import _routed
+    from elder.methods.elder.editing import _routed
     scores = torch.tensor([[[0.5, 0.3, 0.15, 0.05]]])
     assert _routed(scores, torch.tensor([[[0, 1]]])) and not _routed(scores, torch.tensor([[[0, 2]]]))
     assert _routed(scores, torch.tensor([[[0, 1]]]), margin=0.5)  # log(0.3 / 0.15) = 0.69
@@ -145,7 +145,7 @@ def test_routed_checks_the_top_k_and_the_logit_margin():
 
 
 def test_settle_routes_trains_only_the_routers_until_the_batch_routes_to_its_presets(tokenizer):
-    from elder.editing import ROUTE_MARGIN, SETTLE_STEPS, _routed, _settle_routes
+    from elder.methods.elder.editing import ROUTE_MARGIN, SETTLE_STEPS, _routed, _settle_routes
     model = ElderModel(tiny_llama(), tokenizer, small_config(settle_routes=True))
     batch = teacher_forced(tokenizer, [e.prompt for e in EDITS], [e.target for e in EDITS], None, 32)
     query = model.run_prefix(batch).query
@@ -164,7 +164,7 @@ def test_settle_routes_trains_only_the_routers_until_the_batch_routes_to_its_pre
 
 
 def test_anchors_are_capped_at_a_reproducible_sample_of_earlier_edits(tokenizer, monkeypatch):
-    import elder.editing as editing
+    import elder.methods.elder.editing as editing
     model = ElderModel(tiny_llama(), tokenizer, small_config(iterations=1))
     apply_edits(model, [EditRecord(f"e{i}", f"Q{i}: sky?", "violet") for i in range(5)], progress=False)
     queries, presets = editing._anchors(model)
@@ -183,7 +183,7 @@ def test_forget_makes_an_edit_defer_again(tokenizer):
     forget(model, "a")
     assert "a" not in model.edit_log and "a" not in model.bank.ids
     assert model.generate([EDITS[0].prompt])[0].used_memory is False
-    with pytest.raises(KeyError, match="'a'"):
+    with pytest.raises(MethodError, match="'a'"):
         forget(model, "a")
 
 

@@ -11,11 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from elder import ElderModel
-from elder.cli import _parse_overrides, app
-from elder.config import ConfigError, parse_setting
+from elder import ElderConfig, ElderModel
+from elder.cli import _settings, app
+from elder.methods.elder import ElderMethod
+from elder.settings import ConfigError, field_kinds
 from elder.data import DataError, EditRecord, content_id, read_edits, write_edits
-from elder.persistence import MemoryBusyError, memory_lock, _manifest_checksum
+from elder.methods.elder.persistence import MemoryBusyError, memory_lock, _manifest_checksum
 
 SETTINGS = ["--set", "first_layer=3", "--set", "num_layers=2", "--set", "num_experts=8", "--set", "rank=4",
             "--set", "lr=0.03", "--set", "iterations=200", "--set", "batch_size=2", "--preset", "fast"]
@@ -157,8 +158,8 @@ def test_set_values_are_read_against_the_settings_types(tiny_dir, tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "m" / "memory.json").read_text())["config"]
     assert config["early_stop"] is False and config["refresh_codes"] is False
-    assert _parse_overrides(["module_paths=a.b.c"]) == {"module_paths": ("a.b.c",)}
-    assert _parse_overrides(["module_paths=a.b,c.d"]) == {"module_paths": ("a.b", "c.d")}
+    assert _settings(ElderMethod, None, ["module_paths=a.b.c"]) == {"module_paths": ("a.b.c",)}
+    assert _settings(ElderMethod, None, ["module_paths=a.b,c.d"]) == {"module_paths": ("a.b", "c.d")}
     result = run("edit", edits, "--out", tmp_path / "p", "--model", tiny_dir, "--set", "module_paths=a.b.c")
     assert result.exit_code == 2 and "a.b.c" in result.output and "'a'" not in result.output, result.output
 
@@ -237,12 +238,12 @@ def test_the_jsonl_reader_never_ends_in_a_traceback(tmp_path, chunks):
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.sampled_from(sorted(parse_setting.__globals__["_field_kinds"]()) + ["nope", ""]),
+@given(st.sampled_from(sorted(field_kinds(ElderConfig)) + ["nope", ""]),
        st.one_of(st.text(max_size=12), st.sampled_from(["true", "off", "1e-3", "none", "[\"a\"]", "a,b", "nan",
                                                         "inf", "-0", "1_0", "\"x\""])))
 def test_the_set_parser_never_ends_in_a_traceback(name, text):
     try:
-        overrides = _parse_overrides([f"{name}={text}"])
+        overrides = _settings(ElderMethod, None, [f"{name}={text}"])
     except ConfigError:
         return
     try:

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import small_config, tiny_gpt2, tiny_llama
 
-import elder.persistence as persistence
+import elder.methods.elder.persistence as persistence
 from elder import EditRecord, ElderModel, apply_edits, load_memory, save_memory
-from elder.persistence import MemoryFormatError
+from elder.methods.elder.persistence import MemoryFormatError
 
 EDITS = [EditRecord("a", "Q: sky?", "violet"), EditRecord("b", "Q: pet?", "a red fox")]
 PROBES = ["Q: sky?", "Q: pet?", "zzzz 12345 qqqq"]

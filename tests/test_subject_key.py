@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from elder import EditRecord, ElderModel, apply_edits, load_memory, save_memory
-from elder.config import ConfigError
-from elder.mechanism.codebank import CodeBank
-from elder.mechanism.keys import guess_subject, key_reading, subject_tokens
+from elder.settings import ConfigError
+from elder.methods.elder.codebank import CodeBank
+from elder.methods.elder.keys import guess_subject, key_reading, subject_tokens
 from elder.methods.elder import ElderMethod
 
 from conftest import byte_tokenizer, small_config, tiny_llama
@@ -157,7 +157,7 @@ def test_answer_span_target_needs_a_subject_key():
 
 
 def test_replay_trains_earlier_learned_edits_beside_the_new_batch():
-    from elder.editing import _prepare, _replayed
+    from elder.methods.elder.editing import _prepare, _replayed
 
     model = keyed(replay=2, batch_size=1)
     apply_edits(model, EDITS, progress=False)
@@ -183,7 +183,7 @@ def test_a_version_3_memory_keeps_reading_its_keys_as_they_were_made(tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from elder import persistence
+    from elder.methods.elder import persistence
 
     model = keyed(key_span=1, key_spaced=False)  # what format version 3 stored: last-token keys, read unspaced
     apply_edits(model, EDITS, progress=False)

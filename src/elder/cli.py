@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -9,21 +10,19 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from tqdm.auto import tqdm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded model and local folders need no network
 
-from elder.config import ConfigError, ElderConfig, parse_setting  # noqa: E402
-from elder.data import DataError, read_edits  # noqa: E402
-from elder.editing import NonFiniteLossError, apply_edits, forget  # noqa: E402
-from elder.mechanism import ElderModel, InputError  # noqa: E402
-from elder.models import DEFAULT_MODEL, ModelLoadError, load_base  # noqa: E402
-from elder.persistence import (MANIFEST, MemoryBusyError, MemoryFormatError, load_memory, memory_lock,  # noqa: E402
-                               read_manifest, save_memory)
+from elder.data import held_out, read_edits  # noqa: E402
+from elder.errors import ElderError  # noqa: E402
+from elder.files import folder_lock  # noqa: E402
+from elder.methods import EditingMethod, Forgets, MethodError, get_method, method_of_folder, registered  # noqa: E402
+from elder.models import DEFAULT_MODEL, load_base  # noqa: E402
+from elder.settings import ConfigError  # noqa: E402
 
-app = typer.Typer(help="Lifelong knowledge editing of causal LMs with ELDER.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
-_USER_ERRORS = (ConfigError, DataError, InputError, MemoryBusyError, MemoryFormatError, ModelLoadError,
-                NonFiniteLossError, ValueError)
+app = typer.Typer(help="Lifelong knowledge editing of causal LMs with ELDER and other editors.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
 
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="hub id or local folder; default: the "
                                                  f"embedded {DEFAULT_MODEL}")]
@@ -31,23 +30,43 @@ DtypeOpt = Annotated[Optional[str], typer.Option(help="dtype of the frozen base:
 DeviceOpt = Annotated[Optional[str], typer.Option(help="device of the base model, e.g. cpu or cuda")]
 
 
+MethodOpt = Annotated[str, typer.Option(help="editing method (see `elder methods`)")]
+PresetOpt = Annotated[Optional[str], typer.Option(help="settings preset of the method (ELDER: paper or fast, "
+                                                  "default fast)")]
+SetOpt = Annotated[list[str], typer.Option("--set", help="override a setting, e.g. --set key_threshold=0.9")]
+
+
 def _fail(error: Exception) -> None:
     typer.echo(f"error: {error}", err=True)
     raise typer.Exit(2)
 
 
-def _parse_overrides(pairs: list[str]) -> dict:
-    """--set KEY=VALUE pairs, each value read against the setting's type (KEY may be METHOD.KEY in `bench`)."""
-    overrides = {}
+def _pairs(pairs: list[str]) -> list[tuple[str, str]]:
+    out = []
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set takes KEY=VALUE, got {pair!r}")
+        out.append((key, value))
+    return out
+
+
+def _settings(cls: type[EditingMethod], preset: str | None, pairs: list[str]) -> dict:
+    """A method's settings from --preset and --set KEY=VALUE pairs, each value read against the setting's type."""
+    settings: dict = {} if preset is None else {"preset": preset}
+    for key, value in _pairs(pairs):
         try:
-            overrides[key] = parse_setting(key.rpartition(".")[2], value)
+            settings[key] = cls.config_class.parse(key, value)
         except ConfigError as error:
-            raise ConfigError(f"--set {pair}: {error}") from None
-    return overrides
+            raise ConfigError(f"--set {key}={value}: {error}") from None
+    cls.config(settings)  # every setting checked before a model loads
+    return settings
+
+
+def _load_saved(folder: Path, model: str | None, dtype: str | None, device: str | None) -> EditingMethod:
+    cls = method_of_folder(folder)
+    base, tokenizer, name = load_base(model or cls.saved_base_name(folder), dtype, device)
+    return cls.load(folder, base, tokenizer, name)
 
 
 @app.command()
@@ -55,68 +74,81 @@ def edit(
     edits: Annotated[Path, typer.Argument(help="JSONL file, one edit per line")],
     out: Annotated[Path, typer.Option(help="folder to write the edit memory to")],
     model: ModelOpt = None,
-    preset: Annotated[str, typer.Option(help="settings preset: paper or fast")] = "fast",
-    set_: Annotated[list[str], typer.Option("--set", help="override a setting, e.g. --set epsilon=6")] = [],
+    method: MethodOpt = "elder",
+    preset: PresetOpt = None,
+    set_: SetOpt = [],
     resume: Annotated[bool, typer.Option(help="continue the memory in --out, skipping edits it already holds")] = False,
     replace: Annotated[bool, typer.Option(help="with --resume: an id the memory holds with another prompt or "
                                           "target is forgotten and applied anew (without it, refused)")] = False,
     save_every: Annotated[int, typer.Option(min=1, help="save after this many edits (and at the end)")] = 100,
+    train_rephrases: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="fraction of each record's rephrases trained on as well (0: the edit prompt only, as "
+        "EasyEdit and WISE train; the paper trains some)")] = 0.0,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
 ) -> None:
     """Apply the edits in EDITS to the model and write the edit memory to --out."""
     try:
-        records = read_edits(edits)
-        overrides = _parse_overrides(set_)
+        records = [dataclasses.replace(r, rephrases=held_out(r, train_rephrases)[0]) for r in read_edits(edits)]
         if replace and not resume:
             raise ConfigError("--replace needs --resume (it replaces edits of a memory being continued)")
-        with memory_lock(out):
-            if resume and (out / MANIFEST).exists():
-                if set_:
-                    raise ConfigError("--set cannot change a saved memory's settings when resuming")
-                manifest = read_manifest(out)
-                base, tokenizer, name = load_base(model or manifest["base"]["name"], dtype, device)
-                elder = load_memory(out, base, tokenizer, name)
-                records = _resumed(elder, records, replace)
+        with folder_lock(out):
+            saved = _saved(out)
+            if resume and saved is not None:
+                if set_ or preset is not None:
+                    raise ConfigError("--set and --preset cannot change a saved memory's settings when resuming")
+                editor = _load_saved(out, model, dtype, device)
+                records = _resumed(editor, records, replace)
             else:
-                if (out / MANIFEST).exists():
-                    raise ValueError(f"{out} already holds a memory; pass --resume to continue it")
-                config = ElderConfig.preset(preset, **overrides)
+                if saved is not None:
+                    raise MethodError(f"{out} already holds a memory; pass --resume to continue it")
+                cls = get_method(method)
+                settings = _settings(cls, preset, set_)
                 base, tokenizer, name = load_base(model, dtype, device)
-                elder = ElderModel(base, tokenizer, config, name)
-            pending = 0
-
-            def checkpoint(batch_results):
-                nonlocal pending
-                pending += len(batch_results)
-                if pending >= save_every:
-                    save_memory(elder, out)
-                    pending = 0
-
-            results = apply_edits(elder, records, progress=sys.stderr.isatty(), on_batch=checkpoint)
-            save_memory(elder, out)
-    except _USER_ERRORS as error:
+                editor = cls.create(base, tokenizer, name, settings)
+            results, pending = [], 0
+            with tqdm(total=len(records), desc="editing", unit="edit", disable=not sys.stderr.isatty()) as bar:
+                for lo in range(0, len(records), editor.batch_size):
+                    batch = records[lo:lo + editor.batch_size]
+                    results += editor.edit(batch)
+                    bar.update(len(batch))
+                    pending += len(batch)
+                    if pending >= save_every:
+                        editor.save(out)
+                        pending = 0
+            editor.save(out)
+    except ElderError as error:
         _fail(error)
     seconds = sorted(r.seconds for r in results)
     learned = sum(r.learned for r in results)
     median = seconds[len(seconds) // 2] if seconds else 0.0
     typer.echo(f"applied {len(results)} edits ({learned} learned when trained), median {median:.2f} s/edit; "
-               f"memory holds {len(elder.edit_log)} edits in {out}")
+               f"memory holds {len(editor.edited_ids)} edits in {out}")
 
 
-def _resumed(elder: ElderModel, records: list, replace: bool) -> list:
+def _saved(folder: Path) -> type[EditingMethod] | None:
+    """The method whose state `folder` holds (None: none does); a damaged state is refused, never overwritten."""
+    for cls in registered().values():
+        cls.check_folder(folder)
+    return method_of_folder(folder) if any(cls.recognises(folder) for cls in registered().values()) else None
+
+
+def _resumed(editor: EditingMethod, records: list, replace: bool) -> list:
     """The records still to apply to a loaded memory: a held id with the same edit is skipped; one with another
     prompt, target or subject is refused, or with `replace` forgotten and applied anew."""
-    held = [r for r in records if r.id in elder.edit_log]
-    changed = [r.id for r in held if _edit_of(elder.edit_log[r.id]["record"]) != _edit_of(r.to_dict())]
+    held_edits = editor.held_edits
+    held = [r for r in records if r.id in held_edits]
+    changed = [r.id for r in held if _edit_of(held_edits[r.id]) != _edit_of(r.to_dict())]
     if changed and not replace:
         shown = ", ".join(map(repr, changed[:3])) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
-        raise ValueError(f"{len(changed)} edits have an id the memory holds with another prompt, target or subject "
-                         f"({shown}); give a new fact a new id, or pass --replace to forget the held ones")
+        raise MethodError(f"{len(changed)} edits have an id the memory holds with another prompt, target or subject "
+                          f"({shown}); give a new fact a new id, or pass --replace to forget the held ones")
+    if changed and not isinstance(editor, Forgets):
+        raise MethodError(f"--replace needs a method that can forget an edit; {editor.name} cannot")
     for edit_id in changed:
-        forget(elder, edit_id)
-    todo = [r for r in records if r.id not in elder.edit_log]
-    typer.echo(f"resuming: {len(elder.edit_log)} edits in the memory; {len(held) - len(changed)} of the file's "
+        editor.forget(edit_id)
+    todo = [r for r in records if r.id not in editor.held_edits]
+    typer.echo(f"resuming: {len(editor.edited_ids)} edits in the memory; {len(held) - len(changed)} of the file's "
                f"already held (skipped), {len(changed)} replaced, {len(todo)} to apply", err=True)
     return todo
 
@@ -128,7 +160,7 @@ def _edit_of(record: dict) -> tuple:
 @app.command()
 def ask(
     prompts: Annotated[list[str], typer.Argument(help="prompts to answer")],
-    memory: Annotated[Optional[Path], typer.Option(help="edit memory folder; none: the base model")] = None,
+    memory: Annotated[Optional[Path], typer.Option(help="edit memory folder (any method's); none: the base model")] = None,
     model: ModelOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens to generate per answer")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object per line")] = False,
@@ -138,19 +170,19 @@ def ask(
     """Greedy answers of the edited model, and whether the edit memory was used or deferred."""
     try:
         if memory is not None:
-            name = model or read_manifest(memory)["base"]["name"]
-            base, tokenizer, name = load_base(name, dtype, device)
-            elder = load_memory(memory, base, tokenizer, name)
+            editor = _load_saved(memory, model, dtype, device)
+            answers = editor.answer(list(prompts), max_new_tokens)
         else:
             base, tokenizer, name = load_base(model, dtype, device)
-            elder = ElderModel(base, tokenizer, ElderConfig(), name)  # empty memory: always defers
-        answers = elder.generate(list(prompts), max_new_tokens=max_new_tokens)
-    except _USER_ERRORS as error:
+            editor = get_method("elder").create(base, tokenizer, name, {})  # an empty memory: the base model
+            answers = editor.answer(list(prompts), max_new_tokens, use_edits=False)
+    except ElderError as error:
         _fail(error)
     for answer in answers:
         if as_json:
             typer.echo(json.dumps({"prompt": answer.prompt, "answer": answer.text, "used_memory": answer.used_memory,
-                                   "distance": None if answer.distance == float("inf") else answer.distance}))
+                                   "distance": None if answer.distance == float("inf") else answer.distance,
+                                   "edit_id": answer.edit_id}))
         else:
             how = "edited" if answer.used_memory else "deferred"
             typer.echo(f"[{how}] {answer.prompt!r} -> {answer.text.strip()!r}")
@@ -160,23 +192,32 @@ def ask(
 def demo(
     facts: Annotated[int, typer.Option(help="how many counterfactual capital facts to edit")] = 24,
     out: Annotated[Optional[Path], typer.Option(help="also save the memory here")] = None,
-    preset: Annotated[str, typer.Option(help="settings preset: paper or fast")] = "fast",
-    set_: Annotated[list[str], typer.Option("--set", help="override a setting, e.g. --set epsilon=6")] = [],
+    method: MethodOpt = "elder",
+    preset: PresetOpt = None,
+    set_: SetOpt = [],
 ) -> None:
     """Edit counterfactual capitals into the embedded SmolLM2-135M and show answers before and after."""
     from elder.demo import run_demo
 
     try:
-        config = ElderConfig.preset(preset, **_parse_overrides(set_))
+        settings = _settings(get_method(method), preset, set_)
         if out is None:
-            run_demo(facts, None, config, echo=typer.echo)
+            run_demo(facts, None, method, settings, echo=typer.echo)
         else:
-            with memory_lock(out):
-                if (out / MANIFEST).exists():
-                    raise ValueError(f"{out} already holds a memory; the demo saves only to a new folder")
-                run_demo(facts, out, config, echo=typer.echo)
-    except _USER_ERRORS as error:
+            with folder_lock(out):
+                if _saved(out) is not None:
+                    raise MethodError(f"{out} already holds a memory; the demo saves only to a new folder")
+                run_demo(facts, out, method, settings, echo=typer.echo)
+    except ElderError as error:
         _fail(error)
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """The editing methods this install knows, with their presets."""
+    for name, cls in sorted(registered().items()):
+        presets = ", ".join(cls.config_class.PRESETS) or "none"
+        typer.echo(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]} (presets: {presets})")
 
 
 @app.command()
@@ -187,8 +228,9 @@ def bench(
     protocol: Annotated[str, typer.Option(help="final, immediate or curve")] = "final",
     curve_every: Annotated[int, typer.Option(help="curve protocol: score all edits so far every K edits")] = 100,
     methods: Annotated[str, typer.Option(help="comma-separated editing methods run on the same stream")] = "elder",
-    preset: Annotated[str, typer.Option(help="ELDER settings preset: paper or fast")] = "fast",
-    set_: Annotated[list[str], typer.Option("--set", help="method setting K=V, or METHOD.K=V for one method")] = [],
+    preset: Annotated[Optional[str], typer.Option(help="ELDER settings preset: paper or fast (default fast)")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="method setting K=V (for every method that has it), or "
+                                            "METHOD.K=V for one")] = [],
     model: ModelOpt = None,
     offset: Annotated[int, typer.Option(help="first record of the test split")] = 0,
     train_rephrases: Annotated[float, typer.Option(help="fraction of rephrases trained on (paper variant)")] = 0.0,
@@ -206,20 +248,25 @@ def bench(
     device: DeviceOpt = None,
 ) -> None:
     """Run T sequential edits from a benchmark, score them, and write a report (resumes a stopped run)."""
-    from elder.evaluation.harness import BenchSettings, RunError, run_bench
-    from elder.evaluation.general import GeneralDataError
+    from elder.evaluation.harness import BenchSettings, run_bench
 
     try:
         names = tuple(m.strip() for m in methods.split(",") if m.strip())
         per_method: dict[str, dict] = {name: {} for name in names}
-        if "elder" in per_method:
+        if preset is not None and "elder" in per_method:
             per_method["elder"]["preset"] = preset
-        for key, value in _parse_overrides(set_).items():
+        for key, value in _pairs(set_):
             target, dot, field_name = key.rpartition(".")
-            for name in ([target] if dot else names):
-                if name not in per_method:
-                    raise ConfigError(f"--set {key}: method {name!r} is not in --methods")
-                per_method[name][field_name] = value
+            if dot and target not in per_method:
+                raise ConfigError(f"--set {key}: method {target!r} is not in --methods")
+            chosen = [target] if dot else [n for n in names if field_name in get_method(n).config_class.help()]
+            if not chosen:
+                raise ConfigError(f"--set {key}: no method in --methods has a setting {field_name!r}")
+            for name in chosen:
+                try:
+                    per_method[name][field_name] = get_method(name).config_class.parse(field_name, value)
+                except ConfigError as error:
+                    raise ConfigError(f"--set {key}={value}: {error}") from None
         settings = BenchSettings(
             data=data, edits=edits, protocol=protocol, curve_every=curve_every, methods=names,
             method_settings={k: v for k, v in per_method.items() if v}, model=model, dtype=dtype, device=device,
@@ -227,6 +274,6 @@ def bench(
             tune=tune, general_data=str(general) if general is not None else None, general_n=general_n,
             checkpoint_every=checkpoint_every, neighbours=neighbours, generation_tokens=generation_tokens)
         run_bench(settings, out, progress=True, echo=typer.echo)
-    except (*_USER_ERRORS, RunError, GeneralDataError) as error:
+    except ElderError as error:
         _fail(error)
     typer.echo(f"report: {out / 'report.md'}")

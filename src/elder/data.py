@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from elder.errors import ElderError
+from elder.files import write_text
 
 _RECORD_KEYS = frozenset({"id", "prompt", "target", "rephrases", "locality", "subject"})
 _PROBE_KEYS = frozenset({"prompt", "answer", "kind"})
 LOCALITY_KINDS = ("unrelated", "neighbour")  # another topic; the edit's question about another subject
 
 
-class DataError(ValueError):
+class DataError(ElderError, ValueError):
     """A bad edit record or edits file."""
 
 
@@ -205,16 +207,10 @@ def write_edits(path: str | os.PathLike[str], records: Iterable[EditRecord]) -> 
             raise DataError(f"{path}: duplicate id {r.id!r}")
         seen.add(r.id)
 
-    target = Path(path)
-    # The temp file lives beside the target so os.replace stays on one filesystem.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
-        # mkstemp creates files readable only by the owner; edits files are ordinary data.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in records))
+
+
+def held_out(record: EditRecord, train_fraction: float) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(trained, held-out) rephrases: the first floor(fraction * n) are trained, the rest only scored."""
+    cut = math.floor(train_fraction * len(record.rephrases))
+    return record.rephrases[:cut], record.rephrases[cut:]

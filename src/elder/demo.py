@@ -6,31 +6,40 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from elder.config import ElderConfig
+from collections.abc import Mapping
+
+from tqdm.auto import tqdm
+
 from elder.demo_facts import demo_edits, demo_unrelated_prompts
-from elder.editing import apply_edits
-from elder.mechanism import ElderModel
+from elder.methods import get_method
 from elder.models import load_base
-from elder.persistence import save_memory
 
 
 def _hit(text: str, target: str) -> bool:
     return text.strip().startswith(target)
 
 
-def run_demo(facts: int, out: Path | None, config: ElderConfig, echo: Callable[[str], None] = print) -> bool:
-    """Edit `facts` capitals with these settings; True when every edit answers and every unrelated prompt holds."""
+def run_demo(facts: int, out: Path | None, method: str = "elder", settings: Mapping | None = None,
+             echo: Callable[[str], None] = print) -> bool:
+    """Edit `facts` capitals with a method and its settings; True when every edit answers and every unrelated
+    prompt holds."""
+    cls = get_method(method)
+    cls.config(settings or {})  # a bad setting fails before the model loads
     base, tokenizer, name = load_base()
-    model = ElderModel(base, tokenizer, config, name)
+    editor = cls.create(base, tokenizer, name, settings or {})
     records = demo_edits(facts)
     prompts = [r.prompt for r in records]
     rephrases = [r.rephrases[0] for r in records]
     unrelated = demo_unrelated_prompts()
-    before = model.generate(prompts + rephrases + unrelated, max_new_tokens=8, use_memory=False)
+    before = editor.answer(prompts + rephrases + unrelated, max_new_tokens=8, use_edits=False)
     start = time.perf_counter()
-    results = apply_edits(model, records, progress=True)
+    results = []
+    with tqdm(total=len(records), desc="editing", unit="edit") as bar:
+        for lo in range(0, len(records), editor.batch_size):
+            results += editor.edit(records[lo:lo + editor.batch_size])
+            bar.update(len(records[lo:lo + editor.batch_size]))
     elapsed = time.perf_counter() - start
-    after = model.generate(prompts + rephrases + unrelated, max_new_tokens=8)
+    after = editor.answer(prompts + rephrases + unrelated, max_new_tokens=8)
     n = len(records)
     echo(f"\n{n} counterfactual edits on {name} in {elapsed:.1f} s ({elapsed / n:.2f} s/edit, "
          f"{sum(r.learned for r in results)} learned when trained)\n")
@@ -51,6 +60,6 @@ def run_demo(facts: int, out: Path | None, config: ElderConfig, echo: Callable[[
     echo(f"paraphrases answering the new target:       {general}/{n}")
     echo(f"unrelated prompts answering as before:      {kept}/{len(unrelated)}")
     if out is not None:
-        save_memory(model, out)
+        editor.save(out)
         echo(f"memory saved to {out}")
     return reliable == n and kept == len(unrelated)

@@ -7,6 +7,7 @@ import random
 from countryinfo import CountryInfo
 
 from elder.data import EditRecord, LocalityProbe
+from elder.settings import ConfigError
 
 # Most famous first, so small demos use the capitals a small model most likely knows.
 # Names read naturally after "The capital of" (no "the United States" and the like).
@@ -67,7 +68,7 @@ def demo_edits(n: int = 24, seed: int = 0) -> list[EditRecord]:
     """Return n deterministic counterfactual edits "The capital of X is" -> another country's capital."""
     pairs = _capitals()
     if not 2 <= n <= len(pairs):
-        raise ValueError(f"n must be between 2 and {len(pairs)} (usable countries), got {n}")
+        raise ConfigError(f"--facts must be between 2 and {len(pairs)} (usable countries), got {n}")
     pairs = pairs[:n]
 
     # Sattolo's algorithm yields a single n-cycle, so no country keeps its own capital.

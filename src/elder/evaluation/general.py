@@ -46,6 +46,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from elder.errors import ElderError
+
 LogLikelihood = Callable[[list[str], list[str]], list[float]]
 Generate = Callable[[list[str], int], list[str]]
 
@@ -61,7 +63,7 @@ time grows with the prompt.
 """
 
 
-class GeneralDataError(ValueError):
+class GeneralDataError(ElderError, ValueError):
     """A missing general-ability data file or a malformed record in one."""
 
     def __init__(self, path: Path, message: str, index: int | None = None) -> None:

@@ -16,7 +16,6 @@ import os
 import platform
 import resource
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,18 +24,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from elder.data import DataError, EditRecord
+from elder import files
+from elder.data import DataError, EditRecord, held_out
+from elder.errors import ElderError
 from elder.evaluation import general
 from elder.evaluation.datasets import load_benchmark, split_benchmark, with_neighbours
 from elder.evaluation.metrics import (EditScore, GenerationScore, base_locality, generate_all, generation_scores,
                                       locality_rows, score_edits, score_from_dict, summarize, summarize_generation)
-from elder.methods import EditingMethod, get_method
+from elder.methods import EditingMethod, TunesThreshold, get_method
 
 PROTOCOLS = ("final", "immediate", "curve")
 RUN_FORMAT = "elder-bench-run"
 
 
-class RunError(ValueError):
+class RunError(ElderError, ValueError):
     """A run folder that cannot be continued with these settings."""
 
 
@@ -67,36 +68,30 @@ class BenchSettings:
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+            raise RunError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
         for name in ("edits", "curve_every", "checkpoint_every", "general_n", "timing_prompts"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise RunError(f"{name} must be at least 1, got {getattr(self, name)}")
         if isinstance(self.generation_tokens, bool) or not isinstance(self.generation_tokens, int) \
                 or self.generation_tokens < 0:
-            raise ValueError(f"generation_tokens must be an integer >= 0, got {self.generation_tokens!r}")
+            raise RunError(f"generation_tokens must be an integer >= 0, got {self.generation_tokens!r}")
         if not 0 <= self.train_rephrases <= 1:
-            raise ValueError(f"train_rephrases must be in [0, 1], got {self.train_rephrases}")
+            raise RunError(f"train_rephrases must be in [0, 1], got {self.train_rephrases}")
         if self.tune and self.validation < 1:
-            raise ValueError("tuning needs a validation split: pass validation >= 1")
+            raise RunError("tuning needs a validation split: pass validation >= 1")
         if not self.methods or len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"methods must be distinct and not empty, got {self.methods}")
+            raise RunError(f"methods must be distinct and not empty, got {self.methods}")
         for name in self.methods:
             get_method(name)
         unknown = set(self.method_settings) - set(self.methods)
         if unknown:
-            raise ValueError(f"settings given for method(s) not in the run: {', '.join(sorted(unknown))}")
+            raise RunError(f"settings given for method(s) not in the run: {', '.join(sorted(unknown))}")
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
         data = dataclasses.asdict(self)
         data["methods"] = list(self.methods)
         return data
-
-
-def held_out(record: EditRecord, train_fraction: float) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(trained, held-out) rephrases: the first floor(fraction * n) are trained, the rest only scored."""
-    cut = math.floor(train_fraction * len(record.rephrases))
-    return record.rephrases[:cut], record.rephrases[cut:]
 
 
 def run_bench(settings: BenchSettings, out: str | os.PathLike, progress: bool = True,
@@ -106,7 +101,7 @@ def run_bench(settings: BenchSettings, out: str | os.PathLike, progress: bool = 
 
     out = Path(out)
     for name in settings.methods:  # bad settings or data fail before the run folder is claimed
-        get_method(name).check_settings(settings.method_settings.get(name, {}))
+        get_method(name).config(settings.method_settings.get(name, {}))
     test, validation = _splits(settings)
     _claim_folder(out, settings)
     base, tokenizer, base_name = load_base(settings.model, settings.dtype, settings.device)
@@ -119,7 +114,7 @@ def run_bench(settings: BenchSettings, out: str | os.PathLike, progress: bool = 
     summary = {"format": RUN_FORMAT, "settings": settings.to_dict(), "machine": machine_facts(base),
                "test": {"data": settings.data, "edits": len(test), "first_id": test[0].id, "last_id": test[-1].id},
                "methods": results}
-    _write_json(out / "summary.json", summary)
+    files.write_json(out / "summary.json", summary)
     from elder.evaluation.report import write_report  # matplotlib only when a report is written
 
     write_report(out, summary)
@@ -139,7 +134,7 @@ def _claim_folder(out: Path, settings: BenchSettings) -> None:
     if out.exists() and any(out.iterdir()):
         raise RunError(f"{out} is not empty and holds no run; choose a new --out folder")
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(path, settings.to_dict())
+    files.write_json(path, settings.to_dict())
 
 
 def _splits(settings: BenchSettings) -> tuple[tuple[EditRecord, ...], tuple[EditRecord, ...]]:
@@ -199,7 +194,7 @@ def _run_method(name: str, settings: BenchSettings, folder: Path, base_folder: P
         method_settings.update(tuning["chosen"])
         clock.lap("tuning")
     memory = folder / "memory"
-    if (memory / "memory.json").exists():
+    if cls.recognises(memory):
         method = cls.load(memory, base, tokenizer, base_name)
     else:
         method = cls.create(base, tokenizer, base_name, method_settings)
@@ -234,7 +229,7 @@ def _run_method(name: str, settings: BenchSettings, folder: Path, base_folder: P
         if settings.protocol == "curve":
             result["curve"] = _read_lines(folder / "curve.jsonl")
         result["wall_seconds_this_invocation"] = clock.laps  # phases cached by an earlier invocation take ~0 s
-        _write_json(folder / "summary.json", result)
+        files.write_json(folder / "summary.json", result)
         final = result["final"]
         echo(f"{name}: Rel {final['rel']:.3f}  Gen {_fmt(final['gen'])}  Loc {_fmt(final['loc'])} (unrelated "
              f"{_fmt(final['loc_unrelated'])}, neighbours {_fmt(final['loc_neighbour'])})  after {len(test)} edits "
@@ -251,9 +246,9 @@ def _edit_stream(method: EditingMethod, settings: BenchSettings, folder: Path, t
         raise RunError(f"{folder} holds edits that are not the start of this test stream")
     log, curve = folder / "edits.jsonl", folder / "curve.jsonl"
     # lines written after the last checkpoint describe edits the saved state does not hold: they are redone
-    _rewrite_lines(log, [line for line in _read_lines(log) if line["index"] < len(done)])
-    _rewrite_lines(curve, [line for line in _read_lines(curve) if line["edits"] <= len(done)])
-    step = int(method.settings.get("batch_size", 1))
+    files.write_lines(log, [line for line in _read_lines(log) if line["index"] < len(done)])
+    files.write_lines(curve, [line for line in _read_lines(curve) if line["edits"] <= len(done)])
+    step = method.batch_size
     bar = tqdm(total=len(test), initial=len(done), desc=f"{method.name} edits", unit="edit", disable=not progress)
     position = len(done)
     since_save = 0
@@ -271,13 +266,13 @@ def _edit_stream(method: EditingMethod, settings: BenchSettings, folder: Path, t
                 now = score_edits(method.predict, chunk, scored, base_tokens[lo:hi])
                 for line, score in zip(lines, now):
                     line["immediate"] = score.to_dict()
-            _append_lines(log, lines)
+            files.append_lines(log, lines)
             position += len(chunk)
             since_save += len(chunk)
             bar.update(len(chunk))
             if settings.protocol == "curve" and (position % settings.curve_every < step or position == len(test)):
                 scores = score_edits(method.predict, test[:position], scored, base_tokens[:offsets[position]])
-                _append_lines(curve, [{"edits": position, **summarize(scores)}])
+                files.append_lines(curve, [{"edits": position, **summarize(scores)}])
             if since_save >= settings.checkpoint_every or position == len(test):
                 method.save(folder / "memory")
                 since_save = 0
@@ -294,7 +289,7 @@ def _final_scores(method: EditingMethod, folder: Path, test, scored, base_tokens
     if [line["id"] for line in lines] == [r.id for r in test]:
         return [score_from_dict(line) for line in lines]  # already scored after this very stream
     scores = score_edits(method.predict, test, scored, base_tokens, progress)
-    _rewrite_lines(path, [s.to_dict() for s in scores])
+    files.write_lines(path, [s.to_dict() for s in scores])
     return scores
 
 
@@ -310,7 +305,7 @@ def _generations(method: EditingMethod, settings: BenchSettings, folder: Path, b
     base = _cached(base_folder / "answers.json",
                    lambda: generate_all(answer, [r.prompt for r in test], False, bar("base answers")))
     scores = generation_scores(answer, test, scored, base, bar("edited answers"))
-    _rewrite_lines(path, [s.to_dict() for s in scores])
+    files.write_lines(path, [s.to_dict() for s in scores])
     return scores
 
 
@@ -321,10 +316,10 @@ def _tune(cls, folder: Path, method_settings: dict, validation, base, tokenizer,
         return json.loads(path.read_text())
     method = cls.create(base, tokenizer, base_name, method_settings)
     try:
-        if not hasattr(method, "threshold_sweep"):
+        if not isinstance(method, TunesThreshold):
             raise RunError(f"method {cls.name!r} has no threshold to tune")
         base_tokens = base_locality(method, validation, bar("validation base locality"))
-        step = int(method.settings.get("batch_size", 1))
+        step = method.batch_size
         title = bar("validation edits")
         with tqdm(total=len(validation), desc=title, unit="edit", disable=title is None) as edits:
             for start in range(0, len(validation), step):
@@ -345,7 +340,7 @@ def _tune(cls, folder: Path, method_settings: dict, validation, base, tokenizer,
                   "table": table}
     finally:
         method.close()
-    _write_json(path, tuning)
+    files.write_json(path, tuning)
     echo(f"tuned {tuning['setting']} = {best['value']} on {len(validation)} validation edits")
     return tuning
 
@@ -453,48 +448,9 @@ def _cached(path: Path, compute: Callable[[], object]):
         return json.loads(path.read_text())
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, value)
+    files.write_json(path, value)
     return json.loads(path.read_text())
 
 
 def _read_lines(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    lines = []
-    for number, text in enumerate(path.read_text().split("\n"), 1):
-        if not text.strip():
-            continue
-        try:
-            lines.append(json.loads(text))
-        except json.JSONDecodeError:
-            # a line cut short by a crash can only be the last one; anything earlier is real damage
-            if number != len(path.read_text().rstrip("\n").split("\n")):
-                raise RunError(f"{path} line {number} is not valid JSON") from None
-    return lines
-
-
-def _append_lines(path: Path, lines: list[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(line) + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _rewrite_lines(path: Path, lines: list[dict]) -> None:
-    _write_text(path, "".join(json.dumps(line) + "\n" for line in lines))
-
-
-def _write_json(path: Path, value) -> None:
-    _write_text(path, json.dumps(value, indent=2) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; run results are ordinary data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return files.read_lines(path, RunError) if path.exists() else []

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from elder.files import atomic_write, write_text  # noqa: E402
+
 PLOTTED = (("rel", "Reliability"), ("gen", "Generalization"), ("loc", "Locality"))
 
 
@@ -152,20 +154,15 @@ def plot_method(folder: Path, name: str, curve: list[dict] | None, bins: int = 2
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def write_report(out: Path, summary: dict) -> Path:
     """Write report.md and every method's plots into the run folder."""
     for name, result in summary["methods"].items():
         plot_method(out / name, name, result.get("curve"))
-    path = out / "report.md"
-    tmp = path.with_name(".report.md.tmp")
-    tmp.write_text(markdown(summary, out))
-    tmp.replace(path)
-    return path
+    return write_text(out / "report.md", markdown(summary, out))

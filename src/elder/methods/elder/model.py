@@ -11,13 +11,16 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from elder.config import ConfigError, ElderConfig
-from elder.mechanism.codebank import CodeBank
-from elder.mechanism.inputs import (TeacherForced, context_limit, encode_prompt, encode_target, pad_id, pad_rows,
-                                    prompt_batch)
-from elder.mechanism.keys import CENTERING_TEXT, key_reading, normalise, subject_tokens
-from elder.mechanism.layer import MixtureOfLoRA
-from elder.mechanism.targets import get_module, linear_shape, num_hidden_layers, resolve_targets
+from elder.methods.base import Answer, MethodError
+from elder.methods.elder.codebank import CodeBank
+from elder.methods.elder.config import ElderConfig
+from elder.methods.elder.keys import CENTERING_TEXT, key_reading, normalise, subject_tokens
+from elder.methods.elder.layer import MixtureOfLoRA
+from elder.methods.elder.targets import resolve_targets
+from elder.modules import Replay, StopForward, device_of, get_module, linear_shape, num_hidden_layers
+from elder.settings import ConfigError
+from elder.tokens import (TeacherForced, context_limit, encode_prompt, encode_target, pad_id, pad_rows,
+                          prompt_batch)
 
 
 @dataclass
@@ -31,16 +34,6 @@ class Route:
     used: torch.Tensor  # (batch,) bool: the edit memory is used (False: deferred to the base model)
     distance: torch.Tensor  # (batch,) min Hamming distance to the code bank, or 1 - key similarity (0 while training)
     edits: torch.Tensor | None = None  # (batch,) subject_key: bank row of the matched edit, -1 for none
-
-
-@dataclass
-class Answer:
-    """A greedy answer and whether the edit memory produced it."""
-
-    prompt: str
-    text: str
-    used_memory: bool
-    distance: float  # min Hamming distance of the prompt's code to the code bank (subject_key: 1 - similarity)
 
 
 @dataclass
@@ -66,32 +59,17 @@ class _Session:
     started: bool = False  # whether a forward has run (a route planned before the first one leaves it False)
 
 
-class _StopForward(Exception):
-    """Raised once the frozen layers' output is captured: the rest of that forward is not needed."""
-
-
-class _Replay(nn.Module):
-    """Stands in for the frozen decoder layers and returns their cached output."""
-
-    def __init__(self, output: object) -> None:
-        super().__init__()
-        self.output = output
-
-    def forward(self, *args, **kwargs) -> object:
-        return self.output
-
-
 class ElderModel:
     """A frozen base model plus ELDER's edit memory; the base model's own weights are never changed."""
 
     def __init__(self, base: nn.Module, tokenizer, config: ElderConfig, base_name: str | None = None) -> None:
         if getattr(base, "_elder_attached", False):
-            raise ValueError("this base model already carries an ELDER memory; call detach() on it first")
+            raise MethodError("this base model already carries an ELDER memory; call detach() on it first")
         self.base, self.tokenizer, self.config = base, tokenizer, config
         self.base_name = base_name or getattr(base.config, "_name_or_path", "") or type(base).__name__
         self.targets = resolve_targets(base, config)
         query_features = linear_shape(get_module(base, self.targets.query_path), self.targets.query_path)[0]
-        self.query_device = _device_of(get_module(base, self.targets.query_path))
+        self.query_device = device_of(get_module(base, self.targets.query_path))
         generator = torch.Generator().manual_seed(config.seed)
         adapters = []
         for path in self.targets.module_paths:
@@ -99,7 +77,7 @@ class ElderModel:
             in_features, out_features = linear_shape(module, path)
             layer = MixtureOfLoRA(in_features, out_features, query_features, config.num_experts, config.rank,
                                   config.alpha, generator)
-            adapters.append(layer.to(_device_of(module)))
+            adapters.append(layer.to(device_of(module)))
         self.adapters = nn.ModuleList(adapters)
         self.bank = CodeBank(len(adapters) * config.num_experts)
         self.presets: dict[str, torch.Tensor] = {}  # fact id -> (L, k) preset experts of the guided loss
@@ -270,12 +248,12 @@ class ElderModel:
 
         def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
             captured["states"] = (args[0] if args else kwargs["hidden_states"]).detach()
-            raise _StopForward
+            raise StopForward
 
         handle = get_module(self.base, self.key_path).register_forward_pre_hook(capture, with_kwargs=True)
         try:
             self.base.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _StopForward:
+        except StopForward:
             pass
         finally:
             handle.remove()
@@ -339,7 +317,7 @@ class ElderModel:
 
         def capture(module: nn.Module, args: tuple, output: object) -> None:
             captured["output"] = output
-            raise _StopForward
+            raise StopForward
 
         last = get_module(self.base, f"{self.targets.layers_path}.{count - 1}")
         handle = last.register_forward_hook(capture)
@@ -348,7 +326,7 @@ class ElderModel:
         try:
             with reading as session:
                 self.base.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        except _StopForward:
+        except StopForward:
             pass
         finally:
             handle.remove()
@@ -364,7 +342,7 @@ class ElderModel:
         layers = get_module(self.base, self.targets.layers_path)
         count = self.targets.prefix_length
         originals = [layers[i] for i in range(count)]
-        replay = _Replay(prefix.output)
+        replay = Replay(prefix.output)
         for i in range(count):
             layers[i] = replay
         try:
@@ -509,10 +487,3 @@ def _prompt_rows(batch: TeacherForced) -> list[list[int]]:
     """The prompt token ids of teacher-forced rows: a key is matched on the prompt, never on the target."""
     ids, ends = batch.input_ids.cpu(), batch.query_positions.cpu().tolist()
     return [ids[i, : end + 1].tolist() for i, end in enumerate(ends)]
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    param = next(module.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-

@@ -8,44 +8,43 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from elder.config import ConfigError, ElderConfig
 from elder.data import EditRecord
-from elder.editing import EditResult, apply_edits
-from elder.mechanism import Answer, ElderModel
-from elder.mechanism.inputs import TeacherForced, teacher_forced
-from elder.methods.base import EditingMethod, TokenPrediction
-from elder.persistence import load_memory, save_memory
+from elder.methods.base import Answer, EditingMethod, EditResult, Forgets, TokenPrediction, TunesThreshold
+from elder.methods.elder.config import ElderConfig
+from elder.methods.elder.editing import apply_edits, forget
+from elder.methods.elder.model import ElderModel
+from elder.methods.elder.persistence import (MANIFEST, check_memory_folder, load_memory, read_manifest,
+                                              save_memory)
+from elder.settings import ConfigError
+from elder.tokens import InputError, TeacherForced, target_argmax, target_logprob, teacher_forced
 
 SCORE_BATCH = 16  # rows per teacher-forced scoring forward
 SCORE_MAX_TOKENS = 256  # longest continuation scored (locality answers and task options can be long)
 
 
-class ElderMethod(EditingMethod):
+class ElderMethod(EditingMethod, TunesThreshold, Forgets):
     """Mixture-of-LoRA experts, a sequence-level router, guided loss and deferral (Li et al., AAAI 2025)."""
 
     name = "elder"
+    config_class = ElderConfig
+    state_file = MANIFEST
 
     def __init__(self, model: ElderModel) -> None:
         self.model = model
 
     @classmethod
-    def check_settings(cls, settings: Mapping) -> None:
-        """Settings: `preset` (paper or fast, default fast) plus any ElderConfig field."""
-        cls._config(settings)
-
-    @classmethod
-    def _config(cls, settings: Mapping) -> ElderConfig:
-        settings = dict(settings)
+    def config(cls, settings: Mapping) -> ElderConfig:
+        """Settings: `preset` (paper or fast, default fast) plus any ElderConfig field but paraphrase_split."""
         if "paraphrase_split" in settings:
-            raise ConfigError("the harness decides which rephrases are trained (--train-rephrases), "
+            raise ConfigError("the caller decides which rephrases are trained (--train-rephrases), "
                               "not the method's paraphrase_split")
-        # every rephrase the harness passes is a training rephrase; held-out ones never reach the method
-        return ElderConfig.preset(settings.pop("preset", "fast"), **settings, paraphrase_split=1.0)
+        # every rephrase a caller passes is a training rephrase; held-out ones never reach the method
+        return super().config({**settings, "paraphrase_split": 1.0})
 
     @classmethod
     def create(cls, base: nn.Module, tokenizer, base_name: str, settings: Mapping) -> "ElderMethod":
-        """A fresh ELDER memory on `base`; settings as in check_settings."""
-        return cls(ElderModel(base, tokenizer, cls._config(settings), base_name))
+        """A fresh ELDER memory on `base`; settings as in `config`."""
+        return cls(ElderModel(base, tokenizer, cls.config(settings), base_name))
 
     @classmethod
     def load(cls, folder: str | os.PathLike, base: nn.Module, tokenizer, base_name: str) -> "ElderMethod":
@@ -60,6 +59,15 @@ class ElderMethod(EditingMethod):
         """Train the edits batch after batch into the shared experts and routers."""
         return apply_edits(self.model, records, progress=False)  # the harness shows progress
 
+    def forget(self, edit_id: str) -> None:
+        """Remove an edit's keys and codes: its prompts defer to the base model again."""
+        forget(self.model, edit_id)
+
+    @property
+    def batch_size(self) -> int:
+        """Edits trained together (the config's batch_size)."""
+        return self.model.config.batch_size
+
     @torch.no_grad()
     def predict(self, prompts: Sequence[str], targets: Sequence[str], use_edits: bool = True) -> list[TokenPrediction]:
         """Teacher-forced argmax tokens; deferral is decided per prompt as at inference."""
@@ -73,9 +81,7 @@ class ElderMethod(EditingMethod):
         """Sum of log-probabilities of each continuation's tokens."""
         out = []
         for batch, logits, _ in self._scored(prompts, continuations, use_edits):
-            logp = torch.log_softmax(logits.float(), -1).gather(-1, batch.target_ids.to(logits.device)[:, None])[:, 0]
-            sums = torch.zeros(len(batch.query_positions), device=logp.device).index_add_(0, batch.rows.to(logp.device), logp)
-            out += sums.tolist()
+            out += target_logprob(batch, logits)
         return out
 
     def answer(self, prompts: Sequence[str], max_new_tokens: int, use_edits: bool = True) -> list[Answer]:
@@ -126,7 +132,7 @@ class ElderMethod(EditingMethod):
 
     def _scored(self, prompts: Sequence[str], targets: Sequence[str], use_edits: bool, defer: bool = True):
         if len(prompts) != len(targets):
-            raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+            raise InputError(f"{len(prompts)} prompts but {len(targets)} targets")
         for start in range(0, len(prompts), SCORE_BATCH):
             batch: TeacherForced = teacher_forced(self.model.tokenizer, list(prompts[start:start + SCORE_BATCH]),
                                                   list(targets[start:start + SCORE_BATCH]), self.model.context_limit,
@@ -135,9 +141,19 @@ class ElderMethod(EditingMethod):
             yield batch, logits, route
 
     @property
-    def edited_ids(self) -> list[str]:
-        """Edit ids in the order they were applied."""
-        return list(self.model.edit_log)
+    def held_edits(self) -> dict[str, dict]:
+        """Each held edit's record, in the order they were applied."""
+        return {edit_id: entry["record"] for edit_id, entry in self.model.edit_log.items()}
+
+    @classmethod
+    def check_folder(cls, folder: str | os.PathLike) -> None:
+        """Tensors without a manifest are a damaged or partly copied memory."""
+        check_memory_folder(folder)
+
+    @classmethod
+    def saved_base_name(cls, folder: str | os.PathLike) -> str | None:
+        """The base model named in the memory's manifest."""
+        return read_manifest(folder)["base"]["name"]
 
     @property
     def settings(self) -> dict:
@@ -150,6 +166,4 @@ class ElderMethod(EditingMethod):
 
 
 def _rows(batch: TeacherForced, logits: torch.Tensor, used: list[bool]) -> list[TokenPrediction]:
-    predicted, rows, targets = logits.argmax(-1).cpu(), batch.rows.cpu(), batch.target_ids.cpu()
-    return [TokenPrediction(tuple(predicted[rows == row].tolist()), tuple(targets[rows == row].tolist()), flag)
-            for row, flag in enumerate(used)]
+    return [TokenPrediction(predicted, target, flag) for (predicted, target), flag in zip(target_argmax(batch, logits), used)]

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from elder.errors import ElderError
 
-class InputError(ValueError):
+
+class InputError(ElderError, ValueError):
     """A prompt or target the model cannot take (empty, or longer than its context)."""
 
 
@@ -103,3 +105,18 @@ def pad_rows(sequences: list[list[int]], pad: int, left: bool) -> tuple[torch.Te
         input_ids[i, span] = torch.tensor(seq, dtype=torch.long)
         attention_mask[i, span] = 1
     return input_ids, attention_mask
+
+
+def target_argmax(batch: TeacherForced, logits: torch.Tensor) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(predicted, target) token ids of each row, from `logits` (n_target_tokens, vocab) at the batch's target
+    positions: the teacher-forced prediction every method's scoring reads."""
+    predicted, rows, targets = logits.argmax(-1).cpu(), batch.rows.cpu(), batch.target_ids.cpu()
+    return [(tuple(predicted[rows == row].tolist()), tuple(targets[rows == row].tolist()))
+            for row in range(len(batch.query_positions))]
+
+
+def target_logprob(batch: TeacherForced, logits: torch.Tensor) -> list[float]:
+    """Summed log-probability of each row's target tokens, from `logits` at the batch's target positions."""
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, batch.target_ids.to(logits.device)[:, None])[:, 0]
+    sums = torch.zeros(len(batch.query_positions), device=logp.device).index_add_(0, batch.rows.to(logp.device), logp)
+    return sums.tolist()

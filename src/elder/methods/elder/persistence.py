@@ -11,13 +11,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from elder.config import ConfigError, ElderConfig
-from elder.mechanism import ElderModel
-from elder.mechanism.targets import get_module, num_hidden_layers
+from elder.errors import ElderError
+from elder.files import FolderBusyError, folder_lock, fsync_file, write_text
+from elder.methods.elder.config import ElderConfig
+from elder.methods.elder.model import ElderModel
+from elder.modules import get_module, num_hidden_layers
+from elder.settings import ConfigError
 
 FORMAT = "elder-memory"
 # 5: the manifest carries its own checksum; 4: subject keys of key_span tokens, read spaced; 3: subject keys
@@ -28,7 +30,7 @@ MANIFEST = "memory.json"
 _FINGERPRINT_VALUES = 256  # leading weights of each adapted module: enough to tell checkpoints apart
 
 
-class MemoryFormatError(ValueError):
+class MemoryFormatError(ElderError, ValueError):
     """A saved memory is missing, corrupt, of another format version, or made for another base model."""
 
 
@@ -51,6 +53,7 @@ def save_memory(model: ElderModel, directory: str | os.PathLike) -> Path:
     os.close(handle)
     try:
         save_file(tensors, tmp)
+        fsync_file(tmp)
         digest = _sha256(Path(tmp))
         tensor_file = f"adapters-{digest[:16]}.safetensors"
         os.replace(tmp, directory / tensor_file)  # content-addressed: never overwrites what the manifest names
@@ -61,8 +64,7 @@ def save_memory(model: ElderModel, directory: str | os.PathLike) -> Path:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": model.config.to_dict(),
-        "training": {"paraphrase_split": model.config.paraphrase_split,
-                     "variant": "edit+paraphrases" if model.config.paraphrase_split > 0 else "edit-prompt-only"},
+        "training": {"paraphrase_split": model.config.paraphrase_split, "variant": _variant(model)},
         "base": _base_identity(model),
         "tensors": {"file": tensor_file, "sha256": digest},
         "bank_ids": model.bank.ids,
@@ -70,45 +72,32 @@ def save_memory(model: ElderModel, directory: str | os.PathLike) -> Path:
         "edits": model.edit_log,
     }
     manifest["checksum"] = _manifest_checksum(manifest)
-    _write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False))
+    write_text(directory / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False))
     for stale in directory.glob("adapters-*.safetensors"):
         if stale.name != tensor_file:
             stale.unlink(missing_ok=True)
     return directory
 
 
-LOCK = ".elder.lock"
-
-
-class MemoryBusyError(RuntimeError):
-    """Another process holds the memory folder's write lock."""
+MemoryBusyError = FolderBusyError  # another process holds the memory folder's write lock
 
 
 @contextmanager
 def memory_lock(directory: str | os.PathLike) -> Iterator[Path]:
     """Hold the write lock of a memory folder (created if missing) for the block; a second writer is refused at
-    once, so two runs can never both load, extend and save one memory. Once the lock is held, temporary files that
-    a killed writer left behind are removed, and a folder holding memory tensors but no manifest (damaged, or
-    copied in part) is refused rather than overwritten."""
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise MemoryFormatError(f"{directory} is a file, not a memory folder")
-    directory.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(directory / LOCK, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise MemoryBusyError(f"{directory} is being written by another elder process (it holds {LOCK}); "
-                              "wait for that one to finish") from None
-    try:
-        for stale in directory.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
-        if not (directory / MANIFEST).exists() and any(directory.glob("adapters-*.safetensors")):
-            raise MemoryFormatError(f"{directory} holds memory tensors but no {MANIFEST} (a damaged or partly copied "
-                                    "memory); it is left as it is: restore its manifest or choose another folder")
-        yield directory
-    finally:
-        lock.release()
+    once, so two runs can never both load, extend and save one memory. A folder holding memory tensors but no
+    manifest (damaged, or copied in part) is refused rather than overwritten."""
+    with folder_lock(directory) as folder:
+        check_memory_folder(folder)
+        yield folder
+
+
+def check_memory_folder(directory: str | os.PathLike) -> None:
+    """Refuse a folder holding memory tensors but no manifest (damaged, or copied in part)."""
+    folder = Path(directory)
+    if folder.is_dir() and not (folder / MANIFEST).exists() and any(folder.glob("adapters-*.safetensors")):
+        raise MemoryFormatError(f"{folder} holds memory tensors but no {MANIFEST} (a damaged or partly copied "
+                                "memory); it is left as it is: restore its manifest or choose another folder")
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
@@ -208,6 +197,12 @@ def _check_shapes(model: ElderModel, tensors: dict) -> None:
             raise MemoryFormatError(f"the manifest says {name}={said}, but its tensors hold {what.format(held)}")
 
 
+def _variant(model: ElderModel) -> str:
+    """Whether any held edit was trained on rephrases as well as on its prompt."""
+    trained = model.config.paraphrase_split > 0 and any(e["record"].get("rephrases") for e in model.edit_log.values())
+    return "edit+paraphrases" if trained else "edit-prompt-only"
+
+
 def _base_identity(model: ElderModel) -> dict:
     cfg = model.base.config
     return {
@@ -247,16 +242,3 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -12,31 +12,19 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from elder.data import EditRecord
-from elder.mechanism import ElderModel
-from elder.mechanism.inputs import TeacherForced, teacher_forced
+from elder.errors import ElderError
+from elder.methods.base import EditResult, MethodError
+from elder.methods.elder.model import ElderModel
+from elder.tokens import TeacherForced, teacher_forced
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ElderError, RuntimeError):
     """Training produced a NaN or infinite loss; the batch was rolled back."""
 
 
 SETTLE_STEPS = 200  # router-only steps before the experts train (settle_routes); each costs well under a millisecond
 ANCHOR_LIMIT = 1024  # earlier edits whose routes anchor_routes keeps per batch, at most
 ROUTE_MARGIN = 1.0  # logit gap settle_routes leaves between a row's preset experts and the others
-
-
-@dataclass
-class EditResult:
-    """What training one edit cost and whether its target was learned."""
-
-    id: str
-    seconds: float  # wall time of its batch divided by the edits in it
-    iterations: int  # optimisation steps its batch took
-    learned: bool  # every target token of its batch was predicted after training
-
-    def to_dict(self) -> dict:
-        """JSON-ready form."""
-        return asdict(self)
 
 
 @dataclass
@@ -61,7 +49,7 @@ def apply_edits(model: ElderModel, records: Sequence[EditRecord], progress: bool
     seen = set(model.edit_log)
     for record in records:
         if record.id in seen:
-            raise ValueError(f"edit id {record.id!r} is already in the memory (or repeated); forget it first")
+            raise MethodError(f"edit id {record.id!r} is already in the memory (or repeated); forget it first")
         seen.add(record.id)
     prepared = [_prepare(model, list(records[i:i + cfg.batch_size])) for i in range(0, len(records), cfg.batch_size)]
     results: list[EditResult] = []
@@ -223,6 +211,6 @@ def _anchors(model: ElderModel) -> tuple[torch.Tensor, torch.Tensor] | None:
 def forget(model: ElderModel, edit_id: str) -> None:
     """Remove an edit's codes so its prompt defers to the base model again."""
     if edit_id not in model.edit_log:
-        raise KeyError(f"no edit with id {edit_id!r} in the memory")
+        raise MethodError(f"no edit with id {edit_id!r} in the memory")
     model.bank.remove(edit_id)
     del model.edit_log[edit_id]

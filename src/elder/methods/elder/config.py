@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import types
-import typing
 from collections.abc import Mapping
-from types import MappingProxyType
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import ClassVar
 
-
-class ConfigError(ValueError):
-    """A setting is out of range or inconsistent with another."""
+from elder.settings import ConfigError, MethodConfig
 
 
 @dataclass
-class ElderConfig:
+class ElderConfig(MethodConfig):
     """Every ELDER setting; the defaults are the paper's (Li et al., AAAI 2025)."""
+
+    PRESETS: ClassVar[Mapping[str, Mapping]]  # set below the class: paper and fast
+    DEFAULT_PRESET: ClassVar[str] = "fast"
 
     # --- the mixture-of-LoRA layers ---
     num_experts: int = field(default=4, metadata={"help": "N: LoRA experts per adapted layer"})
@@ -120,13 +117,8 @@ class ElderConfig:
     max_target_tokens: int = field(default=32, metadata={"help": "longest target, in tokens"})
     seed: int = field(default=0, metadata={"help": "seed of the adapter init and the preset allocations"})
 
-    def __post_init__(self) -> None:
-        if isinstance(self.module_paths, list):
-            self.module_paths = tuple(self.module_paths)
-        for name, kinds in _field_kinds().items():
-            value = getattr(self, name)
-            if not any(_is_kind(value, kind) for kind in kinds):
-                raise ConfigError(f"{name} must be {_kind_words(kinds)}, got {value!r}")
+    def validate(self) -> None:
+        """Ranges and consistency of the settings."""
         positive = ("num_experts", "rank", "top_k", "num_layers", "batch_size", "iterations", "max_target_tokens",
                     "key_span")
         for name in positive:
@@ -178,115 +170,6 @@ class ElderConfig:
         """Whether generation continues after the matched edit's target from states the base model reads afresh."""
         return self.spans_target and self.answer_reread
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "ElderConfig":
-        """The named preset ('paper' or 'fast') with overrides applied."""
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
-
-    def replace(self, **changes) -> "ElderConfig":
-        """A copy with the given fields changed, validated."""
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        """JSON-ready form."""
-        data = dataclasses.asdict(self)
-        if data["module_paths"] is not None:
-            data["module_paths"] = list(data["module_paths"])
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ElderConfig":
-        """Inverse of to_dict; unknown keys are an error."""
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-        return cls(**data)
-
-
-def _field_kinds() -> dict[str, tuple]:
-    """Each setting's accepted kinds: bool, int, float, str, tuple (of strings) or None."""
-    kinds = {}
-    for name, hint in typing.get_type_hints(ElderConfig).items():
-        options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-        kinds[name] = tuple(None if o is type(None) else typing.get_origin(o) or o for o in options)
-    return kinds
-
-
-def _is_kind(value: Any, kind: type | None) -> bool:
-    if kind is None:
-        return value is None
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind is tuple:
-        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
-    return isinstance(value, kind)
-
-
-def _kind_words(kinds: tuple) -> str:
-    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-             tuple: "a list of strings", None: "none"}
-    return " or ".join(words[k] for k in kinds)
-
-
-_TRUE, _FALSE, _NONE = ("true", "yes", "on", "1"), ("false", "no", "off", "0"), ("none", "null")
-
-
-def parse_setting(name: str, text: str) -> Any:
-    """A setting's value read from text (a --set value) against the setting's type: booleans as true/false,
-    yes/no, on/off or 1/0; lists as comma-separated values or a JSON list; none/null for an optional setting;
-    strings as they are (or JSON-quoted). Raises ConfigError naming the setting and the value."""
-    kinds = _field_kinds()
-    if name not in kinds:
-        raise ConfigError(f"unknown setting {name!r}; the settings are: {', '.join(sorted(kinds))}")
-    word = text.strip().lower()
-    if None in kinds[name] and word in _NONE:
-        return None
-    for kind in (k for k in kinds[name] if k is not None):
-        if kind is bool and word in _TRUE + _FALSE:
-            return word in _TRUE
-        if kind is int:
-            try:
-                return int(word)
-            except ValueError:
-                continue
-        if kind is float:
-            try:
-                value = float(word)
-            except ValueError:
-                continue
-            if value == value and abs(value) != float("inf"):  # not NaN or infinite
-                return value
-        if kind is str:
-            quoted = len(text) >= 2 and text[0] == text[-1] == '"'
-            return json.loads(text) if quoted and _json_string(text) else text
-        if kind is tuple:
-            if text.strip().startswith("["):
-                try:
-                    items = json.loads(text)
-                except json.JSONDecodeError:
-                    items = None
-                if isinstance(items, list) and all(isinstance(i, str) for i in items):
-                    return tuple(items)
-                continue
-            items = tuple(part.strip() for part in text.split(","))
-            if all(items):
-                return items
-    raise ConfigError(f"{name}={text!r}: {name} takes {_kind_words(kinds[name])}")
-
-
-def _json_string(text: str) -> bool:
-    try:
-        return isinstance(json.loads(text), str)
-    except json.JSONDecodeError:
-        return False
-
 
 DEFERRALS = ("code", "subject_key")
 ANSWER_SPANS = ("all", "target")
@@ -311,3 +194,5 @@ PRESETS: Mapping[str, Mapping] = MappingProxyType({
         "refresh_codes": True,
     },
 })
+
+ElderConfig.PRESETS = PRESETS

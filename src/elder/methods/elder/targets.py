@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from elder.config import ConfigError, ElderConfig
+from elder.methods.elder.config import ElderConfig
+from elder.modules import decoder_layers_path, get_module, linear_shape, num_hidden_layers
+from elder.settings import ConfigError
 
 # Tried in order inside a decoder block when no target_module is given: the paper's choices for
 # LLaMA-shaped (down_proj) and GPT-2-shaped (c_fc) blocks.
@@ -24,42 +25,6 @@ class Targets:
     query_path: str
     layers_path: str  # the decoder's ModuleList
     prefix_length: int  # decoder layers before the first adapted module: frozen, so their output can be cached
-
-
-def num_hidden_layers(model: nn.Module) -> int:
-    """Depth of the decoder, read from the model's config."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise ConfigError(f"cannot tell the number of layers of {type(model).__name__} from its config")
-
-
-def decoder_layers_path(model: nn.Module) -> str:
-    """Path of the ModuleList holding the decoder blocks (the one as long as the config's layer count)."""
-    depth = num_hidden_layers(model)
-    found = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module) == depth]
-    if not found:
-        raise ConfigError(f"no list of {depth} decoder layers found in {type(model).__name__}; give module_paths")
-    return min(found, key=len)
-
-
-def linear_shape(module: nn.Module, path: str) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear or a GPT-2 Conv1D."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if isinstance(module, Conv1D):
-        return module.weight.shape[0], module.weight.shape[1]
-    raise ConfigError(f"module {path!r} is a {type(module).__name__}, not a linear layer ELDER can adapt")
-
-
-def get_module(model: nn.Module, path: str) -> nn.Module:
-    """model.get_submodule with an error that names the missing path."""
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        raise ConfigError(f"the model has no module {path!r}") from None
 
 
 def resolve_targets(model: nn.Module, config: ElderConfig) -> Targets:

@@ -1,0 +1,67 @@
+"""Finding and hooking a model's modules by path: shared by every editing method (the role of ROME's nethook)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from elder.settings import ConfigError
+
+
+def num_hidden_layers(model: nn.Module) -> int:
+    """Depth of the decoder, read from the model's config."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ConfigError(f"cannot tell the number of layers of {type(model).__name__} from its config")
+
+
+def decoder_layers_path(model: nn.Module) -> str:
+    """Path of the ModuleList holding the decoder blocks (the one as long as the config's layer count)."""
+    depth = num_hidden_layers(model)
+    found = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module) == depth]
+    if not found:
+        raise ConfigError(f"no list of {depth} decoder layers found in {type(model).__name__}; give module_paths")
+    return min(found, key=len)
+
+
+def linear_shape(module: nn.Module, path: str) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a GPT-2 Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    raise ConfigError(f"module {path!r} is a {type(module).__name__}, not a linear layer a method can adapt")
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    """model.get_submodule with an error that names the missing path."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise ConfigError(f"the model has no module {path!r}") from None
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """Where a module's parameters live (the CPU for one with none)."""
+    for tensor in module.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+class StopForward(Exception):
+    """Raised from a hook once what it needed is captured: the rest of that forward is not needed."""
+
+
+class Replay(nn.Module):
+    """Stands in for frozen layers and returns their cached output."""
+
+    def __init__(self, output: object) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args, **kwargs) -> object:
+        return self.output
