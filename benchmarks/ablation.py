@@ -23,13 +23,13 @@ import json
 import statistics
 import time
 
-from elder.settings import ConfigError
 from elder.data import DataError
 from elder.evaluation.datasets import load_benchmark, with_neighbours
 from elder.evaluation.metrics import generate_all, generation_scores, summarize_generation
 from elder.methods.base import TokenPrediction
 from elder.methods.elder import ElderMethod
 from elder.models import load_base
+from elder.settings import ConfigError
 
 
 def mean(values) -> float:

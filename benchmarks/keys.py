@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from elder import ElderConfig, ElderModel, load_base
 from elder.evaluation.datasets import load_benchmark, with_neighbours
-from elder.tokens import encode_prompt
 from elder.methods.elder.keys import normalise
+from elder.tokens import encode_prompt
 
 THRESHOLDS = (0.9, 0.925, 0.94, 0.95, 0.96, 0.97, 0.975, 0.98, 0.985, 0.99)
 

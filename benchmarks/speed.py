@@ -24,8 +24,8 @@ from elder import ElderConfig, ElderModel, apply_edits
 from elder.evaluation.datasets import load_benchmark
 from elder.evaluation.harness import machine_facts
 from elder.methods.elder.codebank import CodeBank
-from elder.tokens import TeacherForced
 from elder.models import load_base
+from elder.tokens import TeacherForced
 
 
 class PlainElderModel(ElderModel):

@@ -11,12 +11,18 @@ from conftest import byte_tokenizer, small_config, tiny_llama
 from typer.testing import CliRunner
 
 from elder.cli import app
-from elder.data import DataError, EditRecord, LocalityProbe, write_edits
-from elder.data import held_out
-from elder.evaluation.harness import BenchSettings, RunError, run_bench
+from elder.data import DataError, EditRecord, LocalityProbe, held_out, write_edits
 from elder.evaluation.datasets import with_neighbours
-from elder.evaluation.metrics import (begins_with, generation_scores, ngram_entropy, repeats, score_edits,
-                                      summarize, summarize_generation)
+from elder.evaluation.harness import BenchSettings, RunError, run_bench
+from elder.evaluation.metrics import (
+    begins_with,
+    generation_scores,
+    ngram_entropy,
+    repeats,
+    score_edits,
+    summarize,
+    summarize_generation,
+)
 from elder.methods import TokenPrediction, get_method, registered
 from elder.methods.elder import ElderMethod
 
@@ -249,6 +255,22 @@ def test_tuning_sets_the_key_threshold_under_subject_key_deferral(bench_setup, t
     best = [row["value"] for row in tuning["table"] if objective(row) == max(map(objective, tuning["table"]))]
     assert len(best) > 1  # a tie, as on a small validation memory
     assert tuning["chosen"]["key_threshold"] == max(best)  # the strictest of the equally good thresholds
+
+
+def test_several_methods_run_on_one_stream_and_only_those_with_a_threshold_are_tuned(bench_setup, tmp_path):
+    model, data = bench_setup
+    quick = {"lr": 1e-2, "steps": 100, "stop_loss": 1e-3}
+    summary = run_bench(settings_for(model, data, edits=4, validation=2, tune=True, methods=("elder", "ft", "lora"),
+                                     method_settings={"elder": ELDER_SETTINGS, "ft": quick, "lora": quick}),
+                        tmp_path / "m", progress=False, echo=lambda s: None)
+    assert list(summary["methods"]) == ["elder", "ft", "lora"]
+    assert "tuning" in summary["methods"]["elder"] and "tuning" not in summary["methods"]["ft"]
+    for name in ("ft", "lora"):
+        result = summary["methods"][name]
+        assert result["settings"]["lr"] == 1e-2 and result["final"]["rel"] is not None
+        assert len((tmp_path / "m" / name / "scores.jsonl").read_text().splitlines()) == 4
+    report = (tmp_path / "m" / "report.md").read_text()
+    assert all(f"| {name} |" in report for name in ("elder", "ft", "lora"))
 
 
 def test_cli_bench_writes_the_report(bench_setup, tmp_path):

@@ -55,3 +55,22 @@ def test_unknown_setting_and_unknown_model_are_named(tiny_dir, tmp_path):
     assert result.exit_code == 2 and "unknown setting" in result.output
     result = run("ask", "--model", tmp_path / "no-such-model", "hello")
     assert result.exit_code == 2 and "cannot load model" in result.output
+
+
+def test_edit_and_ask_with_another_method_found_from_its_saved_state(tiny_dir, tmp_path):
+    edits = tmp_path / "edits.jsonl"
+    write_edits(edits, [EditRecord("a", "Q: sky?", "violet")])
+    out = tmp_path / "memory"
+    result = run("edit", edits, "--out", out, "--model", tiny_dir, "--method", "lora", "--set", "lr=0.02",
+                 "--set", "steps=200", "--set", "stop_loss=0.001")
+    assert result.exit_code == 0 and "applied 1 edits (1 learned" in result.output, result.output
+    assert json.loads((out / "state.json").read_text())["method"] == "lora"
+    result = run("ask", "--memory", out, "--json", "--max-new-tokens", "8", "Q: sky?")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["answer"].strip().startswith("violet")
+    # a setting only ELDER has is refused for LoRA, by name; the listing shows every method
+    result = run("edit", edits, "--out", tmp_path / "other", "--model", tiny_dir, "--method", "lora",
+                 "--set", "key_threshold=0.9")
+    assert result.exit_code == 2 and "unknown setting 'key_threshold'" in result.output, result.output
+    listing = run("methods")
+    assert listing.exit_code == 0 and all(f"{n}:" in listing.output for n in ("elder", "ft", "lora"))

@@ -6,9 +6,19 @@ import pytest
 import torch
 from conftest import small_config, tiny_gpt2, tiny_llama
 
-from elder import ConfigError, EditRecord, MethodError, ElderConfig, ElderModel, InputError, NonFiniteLossError, apply_edits, forget
-from elder.tokens import prompt_batch, teacher_forced
+from elder import (
+    ConfigError,
+    EditRecord,
+    ElderConfig,
+    ElderModel,
+    InputError,
+    MethodError,
+    NonFiniteLossError,
+    apply_edits,
+    forget,
+)
 from elder.methods.elder.targets import _band
+from elder.tokens import prompt_batch, teacher_forced
 
 EDITS = [EditRecord("a", "Q: color of sky?", "violet"), EditRecord("b", "Q: best pet?", "a red fox")]
 

@@ -5,22 +5,25 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import byte_tokenizer, tiny_gpt2, tiny_llama
 
 from elder import EditRecord, ElderError, InputError
 from elder.methods import EditingMethod, Forgets, MethodError, TunesThreshold, method_of_folder, registered
 from elder.settings import ConfigError
-
-from conftest import byte_tokenizer, tiny_gpt2, tiny_llama
 
 # Settings with which each method learns a tiny model's edits quickly. Every registered method needs an entry:
 # a method without one fails `test_every_method_has_tiny_settings` rather than escaping the suite.
 TINY = {
     "elder": {"preset": "fast", "first_layer": 3, "num_layers": 2, "num_experts": 8, "rank": 4, "lr": 3e-2,
               "router_lr": 5e-2, "iterations": 200, "batch_size": 2, "key_layer": 1, "key_threshold": 0.9},
+    "ft": {"lr": 1e-2, "steps": 200, "stop_loss": 1e-3, "batch_size": 2},
+    "lora": {"lr": 2e-2, "steps": 200, "stop_loss": 1e-3, "batch_size": 2},
 }
 # The same, for GPT-2-shaped blocks (4 layers).
 TINY_GPT2 = {
     "elder": {**TINY["elder"], "first_layer": 2, "num_layers": 2},
+    "ft": TINY["ft"],
+    "lora": {**TINY["lora"], "modules": ("mlp.c_fc",)},  # the tiny GPT-2's c_attn alone learns too slowly
 }
 
 EDITS = [EditRecord("zq", "Where does Zorbulaq live? In", " Quem", subject="Zorbulaq"),
@@ -195,3 +198,12 @@ def test_gpt2_blocks_are_edited_too(name):
     assert all(r.learned for r in method.edit(EDITS))
     answers = method.answer([e.prompt for e in EDITS], max_new_tokens=6)
     assert [a.text[:len(e.target)] for a, e in zip(answers, EDITS)] == [e.target for e in EDITS]
+
+
+def test_baselines_find_their_default_modules_in_both_block_shapes():
+    assert registered()["ft"].create(tiny_llama(), byte_tokenizer(), "t", {}).path == "model.layers.4.mlp.down_proj"
+    assert registered()["ft"].create(tiny_gpt2(), byte_tokenizer(), "t", {}).path == "transformer.h.3.mlp.c_proj"
+    lora = registered()["lora"]
+    assert lora.create(tiny_llama(), byte_tokenizer(), "t", {}).paths[:2] == [
+        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    assert lora.create(tiny_gpt2(), byte_tokenizer(), "t", {}).paths[0] == "transformer.h.0.attn.c_attn"

@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from elder import ElderConfig, ElderModel
 from elder.cli import _settings, app
-from elder.methods.elder import ElderMethod
-from elder.settings import ConfigError, field_kinds
 from elder.data import DataError, EditRecord, content_id, read_edits, write_edits
-from elder.methods.elder.persistence import MemoryBusyError, memory_lock, _manifest_checksum
+from elder.methods.elder import ElderMethod
+from elder.methods.elder.persistence import MemoryBusyError, _manifest_checksum, memory_lock
+from elder.settings import ConfigError, field_kinds
 
 SETTINGS = ["--set", "first_layer=3", "--set", "num_layers=2", "--set", "num_experts=8", "--set", "rank=4",
             "--set", "lr=0.03", "--set", "iterations=200", "--set", "batch_size=2", "--preset", "fast"]

@@ -89,6 +89,7 @@ def test_other_format_versions_are_refused(saved, tmp_path):
 def test_version_1_memories_with_fp16_queries_still_load(saved, tmp_path):
     folder, model, tokenizer = saved
     import shutil
+
     from safetensors.torch import load_file, save_file
     copy = tmp_path / "v1"
     shutil.copytree(folder, copy)
@@ -109,6 +110,7 @@ def test_version_1_memories_with_fp16_queries_still_load(saved, tmp_path):
 def test_a_memory_with_a_missing_or_misshapen_bank_tensor_is_refused(saved, tmp_path):
     folder, _, tokenizer = saved
     import shutil
+
     from safetensors.torch import load_file, save_file
     for damage in ("drop", "reshape"):
         copy = tmp_path / damage

@@ -3,10 +3,17 @@ other lifelong editors behind one contract."""
 
 from elder.data import DataError, EditRecord, LocalityProbe, read_edits, write_edits
 from elder.errors import ElderError
-from elder.methods import (Answer, EditingMethod, EditResult, MethodError, get_method, method_of_folder,
-                           registered)
-from elder.methods.elder import (ElderConfig, ElderModel, MemoryFormatError, NonFiniteLossError, apply_edits, forget,
-                                 load_memory, save_memory)
+from elder.methods import Answer, EditingMethod, EditResult, MethodError, get_method, method_of_folder, registered
+from elder.methods.elder import (
+                           ElderConfig,
+                           ElderModel,
+                           MemoryFormatError,
+                           NonFiniteLossError,
+                           apply_edits,
+                           forget,
+                           load_memory,
+                           save_memory,
+)
 from elder.models import ModelLoadError, load_base
 from elder.settings import ConfigError
 from elder.tokens import InputError

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
-
-from collections.abc import Mapping
 
 from tqdm.auto import tqdm
 

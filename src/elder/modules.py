@@ -65,3 +65,23 @@ class Replay(nn.Module):
 
     def forward(self, *args, **kwargs) -> object:
         return self.output
+
+
+def block_suffix(model: nn.Module, layers: str, candidates: tuple[str, ...], setting: str) -> str:
+    """The first of `candidates` (paths inside a decoder block) that the model's first block has."""
+    block = model.get_submodule(f"{layers}.0")
+    for suffix in candidates:
+        try:
+            block.get_submodule(suffix)
+            return suffix
+        except AttributeError:
+            continue
+    raise ConfigError(f"no {' or '.join(candidates)} in {type(block).__name__}; set {setting}")
+
+
+def block_module(model: nn.Module, layers: str, layer: int, suffix: str | None, candidates: tuple[str, ...],
+                 setting: str = "module") -> str:
+    """Path of a linear module inside decoder block `layer`: `suffix`, or the first of `candidates` there."""
+    path = f"{layers}.{layer}.{suffix or block_suffix(model, layers, candidates, setting)}"
+    linear_shape(get_module(model, path), path)
+    return path

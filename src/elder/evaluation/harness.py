@@ -29,8 +29,18 @@ from elder.data import DataError, EditRecord, held_out
 from elder.errors import ElderError
 from elder.evaluation import general
 from elder.evaluation.datasets import load_benchmark, split_benchmark, with_neighbours
-from elder.evaluation.metrics import (EditScore, GenerationScore, base_locality, generate_all, generation_scores,
-                                      locality_rows, score_edits, score_from_dict, summarize, summarize_generation)
+from elder.evaluation.metrics import (
+    EditScore,
+    GenerationScore,
+    base_locality,
+    generate_all,
+    generation_scores,
+    locality_rows,
+    score_edits,
+    score_from_dict,
+    summarize,
+    summarize_generation,
+)
 from elder.methods import EditingMethod, TunesThreshold, get_method
 
 PROTOCOLS = ("final", "immediate", "curve")
@@ -188,7 +198,7 @@ def _run_method(name: str, settings: BenchSettings, folder: Path, base_folder: P
     scored = lambda r: held_out(r, settings.train_rephrases)[1]  # noqa: E731
     clock = _Clock()
     bar = (lambda title: title) if progress else (lambda title: None)  # noqa: E731  a bar's title, or no bar
-    if settings.tune and validation:
+    if settings.tune and validation and issubclass(cls, TunesThreshold):  # a method with no threshold runs as set
         tuning = _tune(cls, folder, method_settings, validation, base, tokenizer, base_name, trained, scored, echo,
                        bar)
         method_settings.update(tuning["chosen"])
@@ -316,8 +326,6 @@ def _tune(cls, folder: Path, method_settings: dict, validation, base, tokenizer,
         return json.loads(path.read_text())
     method = cls.create(base, tokenizer, base_name, method_settings)
     try:
-        if not isinstance(method, TunesThreshold):
-            raise RunError(f"method {cls.name!r} has no threshold to tune")
         base_tokens = base_locality(method, validation, bar("validation base locality"))
         step = method.batch_size
         title = bar("validation edits")

@@ -14,8 +14,7 @@ from collections.abc import Mapping
 from importlib.metadata import entry_points
 from types import MappingProxyType
 
-from elder.methods.base import (Answer, EditingMethod, EditResult, Forgets, MethodError, TokenPrediction,
-                                TunesThreshold)
+from elder.methods.base import Answer, EditingMethod, EditResult, Forgets, MethodError, TokenPrediction, TunesThreshold
 
 ENTRY_POINT_GROUP = "elder.methods"
 

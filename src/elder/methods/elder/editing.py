@@ -12,15 +12,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from elder.data import EditRecord
-from elder.errors import ElderError
+from elder.errors import NonFiniteLossError
 from elder.methods.base import EditResult, MethodError
 from elder.methods.elder.model import ElderModel
 from elder.tokens import TeacherForced, teacher_forced
-
-
-class NonFiniteLossError(ElderError, RuntimeError):
-    """Training produced a NaN or infinite loss; the batch was rolled back."""
-
 
 SETTLE_STEPS = 200  # router-only steps before the experts train (settle_routes); each costs well under a millisecond
 ANCHOR_LIMIT = 1024  # earlier edits whose routes anchor_routes keeps per batch, at most

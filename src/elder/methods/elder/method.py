@@ -13,8 +13,7 @@ from elder.methods.base import Answer, EditingMethod, EditResult, Forgets, Token
 from elder.methods.elder.config import ElderConfig
 from elder.methods.elder.editing import apply_edits, forget
 from elder.methods.elder.model import ElderModel
-from elder.methods.elder.persistence import (MANIFEST, check_memory_folder, load_memory, read_manifest,
-                                              save_memory)
+from elder.methods.elder.persistence import MANIFEST, check_memory_folder, load_memory, read_manifest, save_memory
 from elder.settings import ConfigError
 from elder.tokens import InputError, TeacherForced, target_argmax, target_logprob, teacher_forced
 

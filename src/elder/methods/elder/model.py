@@ -19,8 +19,7 @@ from elder.methods.elder.layer import MixtureOfLoRA
 from elder.methods.elder.targets import resolve_targets
 from elder.modules import Replay, StopForward, device_of, get_module, linear_shape, num_hidden_layers
 from elder.settings import ConfigError
-from elder.tokens import (TeacherForced, context_limit, encode_prompt, encode_target, pad_id, pad_rows,
-                          prompt_batch)
+from elder.tokens import TeacherForced, context_limit, encode_prompt, encode_target, pad_id, pad_rows, prompt_batch
 
 
 @dataclass

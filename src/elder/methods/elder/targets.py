@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from elder.methods.elder.config import ElderConfig
-from elder.modules import decoder_layers_path, get_module, linear_shape, num_hidden_layers
+from elder.modules import block_suffix, decoder_layers_path, get_module, linear_shape, num_hidden_layers
 from elder.settings import ConfigError
 
 # Tried in order inside a decoder block when no target_module is given: the paper's choices for
@@ -67,14 +67,7 @@ def _band(depth: int, config: ElderConfig) -> tuple[int, int]:
 
 
 def _default_target(model: nn.Module, layers: str) -> str:
-    block = model.get_submodule(f"{layers}.0")
-    for suffix in DEFAULT_TARGETS:
-        try:
-            block.get_submodule(suffix)
-            return suffix
-        except AttributeError:
-            continue
-    raise ConfigError(f"no {' or '.join(DEFAULT_TARGETS)} in {type(block).__name__}; set target_module")
+    return block_suffix(model, layers, DEFAULT_TARGETS, "target_module")
 
 
 def _layer_index(path: str, layers: str) -> int:
