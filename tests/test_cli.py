@@ -68,9 +68,11 @@ def test_edit_and_ask_with_another_method_found_from_its_saved_state(tiny_dir, t
     result = run("ask", "--memory", out, "--json", "--max-new-tokens", "8", "Q: sky?")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["answer"].strip().startswith("violet")
+    result = run("edit", edits, "--out", out, "--resume", "--method", "elder")
+    assert result.exit_code == 2 and "holds a 'lora' memory, not 'elder'" in result.output, result.output
     # a setting only ELDER has is refused for LoRA, by name; the listing shows every method
     result = run("edit", edits, "--out", tmp_path / "other", "--model", tiny_dir, "--method", "lora",
                  "--set", "key_threshold=0.9")
     assert result.exit_code == 2 and "unknown setting 'key_threshold'" in result.output, result.output
     listing = run("methods")
-    assert listing.exit_code == 0 and all(f"{n}:" in listing.output for n in ("elder", "ft", "lora"))
+    assert listing.exit_code == 0 and all(f"{n}:" in listing.output for n in ("elder", "ft", "grace", "lora"))

@@ -18,17 +18,29 @@ TINY = {
               "router_lr": 5e-2, "iterations": 200, "batch_size": 2, "key_layer": 1, "key_threshold": 0.9},
     "ft": {"lr": 1e-2, "steps": 200, "stop_loss": 1e-3, "batch_size": 2},
     "lora": {"lr": 2e-2, "steps": 200, "stop_loss": 1e-3, "batch_size": 2},
+    "grace": {"layer": 2, "radius": 1e-4, "lr": 0.5, "steps": 200, "stop_loss": 1e-3},
 }
 # The same, for GPT-2-shaped blocks (4 layers).
 TINY_GPT2 = {
     "elder": {**TINY["elder"], "first_layer": 2, "num_layers": 2},
     "ft": TINY["ft"],
     "lora": {**TINY["lora"], "modules": ("mlp.c_fc",)},  # the tiny GPT-2's c_attn alone learns too slowly
+    "grace": {**TINY["grace"], "layer": 1},
 }
 
 EDITS = [EditRecord("zq", "Where does Zorbulaq live? In", " Quem", subject="Zorbulaq"),
          EditRecord("mw", "The colour of Mirtavej is", " wox", subject="Mirtavej")]
 UNRELATED = ["Where does Pennimore live? In", "The colour of Habrosk is"]
+# GRACE's value replaces the layer's output at one position: on a random 6-layer model the later tokens of a target
+# barely depend on it (measured: no target of several tokens learned in 400 steps at any layer, lr 0.2 to 1.0; on
+# SmolLM2 such targets are learned in about 5 steps), so its suite edits one-token targets.
+ONE_TOKEN = [EditRecord("zq", "Where does Zorbulaq live? In ", "Q", subject="Zorbulaq"),
+             EditRecord("mw", "The colour of Mirtavej is ", "w", subject="Mirtavej")]
+ONE_TOKEN_UNRELATED = ["Where does Pennimore live? In ", "The colour of Habrosk is "]
+
+
+def edits_for(name: str) -> tuple[list[EditRecord], list[str]]:
+    return (ONE_TOKEN, ONE_TOKEN_UNRELATED) if name == "grace" else (EDITS, UNRELATED)
 METHODS = sorted(registered())
 
 
@@ -60,6 +72,7 @@ def test_every_method_has_tiny_settings():
 
 @pytest.mark.parametrize("name", METHODS)
 def test_edits_are_learned_and_answered(name):
+    EDITS, UNRELATED = edits_for(name)  # noqa: N806
     method = create(name)
     results = method.edit(EDITS)
     assert [r.id for r in results] == [e.id for e in EDITS] and all(r.learned for r in results)
@@ -72,6 +85,7 @@ def test_edits_are_learned_and_answered(name):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_an_unedited_call_is_the_base_model(name):
+    EDITS, UNRELATED = edits_for(name)  # noqa: N806
     base = tiny_llama()
     method = create(name, base)
     method.edit(EDITS)
@@ -84,6 +98,7 @@ def test_an_unedited_call_is_the_base_model(name):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_a_mixed_batch_is_routed_row_by_row(name):
+    EDITS, UNRELATED = edits_for(name)  # noqa: N806
     method = create(name)
     if not isinstance(method, TunesThreshold):
         pytest.skip(f"{name} does not defer: every input goes through its edits")
@@ -100,6 +115,7 @@ def test_a_mixed_batch_is_routed_row_by_row(name):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_a_saved_state_loads_back_to_the_same_answers(name, tmp_path):
+    EDITS, UNRELATED = edits_for(name)  # noqa: N806
     method = create(name)
     method.edit(EDITS)
     method.save(tmp_path / "m")
@@ -119,6 +135,7 @@ def test_a_saved_state_loads_back_to_the_same_answers(name, tmp_path):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_a_damaged_or_foreign_state_is_a_one_line_error(name, tmp_path):
+    EDITS, UNRELATED = edits_for(name)  # noqa: N806
     cls = registered()[name]
     method = create(name)
     method.edit(EDITS[:1])
@@ -137,6 +154,7 @@ def test_a_damaged_or_foreign_state_is_a_one_line_error(name, tmp_path):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_bad_input_is_refused_with_its_reason(name):
+    EDITS, UNRELATED = edits_for(name)  # noqa: N806
     method = create(name)
     with pytest.raises(InputError, match="empty prompt"):
         method.predict([" "], ["x"])
@@ -164,6 +182,7 @@ def test_bad_settings_are_refused_before_a_model_is_touched(name):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_close_gives_back_the_base_model_untouched(name):
+    EDITS, UNRELATED = edits_for(name)  # noqa: N806
     base = tiny_llama()
     before = {k: v.clone() for k, v in base.state_dict().items()}
     method = create(name, base)
@@ -179,6 +198,7 @@ def test_close_gives_back_the_base_model_untouched(name):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_a_forgotten_edit_answers_as_the_base_model(name):
+    EDITS, UNRELATED = edits_for(name)  # noqa: N806
     method = create(name)
     if not isinstance(method, Forgets):
         pytest.skip(f"{name} cannot forget an edit")
@@ -194,6 +214,7 @@ def test_a_forgotten_edit_answers_as_the_base_model(name):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_gpt2_blocks_are_edited_too(name):
+    EDITS, UNRELATED = edits_for(name)  # noqa: N806
     method = registered()[name].create(tiny_gpt2(), byte_tokenizer(), "tiny-gpt2", TINY_GPT2[name])
     assert all(r.learned for r in method.edit(EDITS))
     answers = method.answer([e.prompt for e in EDITS], max_new_tokens=6)

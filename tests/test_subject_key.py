@@ -30,11 +30,12 @@ def test_edited_subjects_use_the_memory_and_other_subjects_defer_bit_for_bit():
     answers = model.generate(["Where does Zorbulaq live? In", "The colour of Mirtavej is"], max_new_tokens=5)
     assert [a.used_memory for a in answers] == [True, True]
     assert [a.text[:len(e.target)] for a, e in zip(answers, EDITS)] == [" Quem", " wox"]
+    assert [a.edit_id for a in answers] == ["zq", "mw"]  # the stored edit that answered is named
     # the same question about a subject never edited: deferred, and exactly the base model's answer
     neighbours = ["Where does Pennimore live? In", "The colour of Habrosk is"]
     edited = model.generate(neighbours, max_new_tokens=6)
     plain = model.generate(neighbours, max_new_tokens=6, use_memory=False)
-    assert [a.used_memory for a in edited] == [False, False]
+    assert [a.used_memory for a in edited] == [False, False] and [a.edit_id for a in edited] == [None, None]
     assert [a.text for a in edited] == [a.text for a in plain]
 
 

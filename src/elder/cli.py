@@ -30,7 +30,7 @@ DtypeOpt = Annotated[Optional[str], typer.Option(help="dtype of the frozen base:
 DeviceOpt = Annotated[Optional[str], typer.Option(help="device of the base model, e.g. cpu or cuda")]
 
 
-MethodOpt = Annotated[str, typer.Option(help="editing method (see `elder methods`)")]
+MethodOpt = Annotated[Optional[str], typer.Option(help="editing method (see `elder methods`); default: elder")]
 PresetOpt = Annotated[Optional[str], typer.Option(help="settings preset of the method (ELDER: paper or fast, "
                                                   "default fast)")]
 SetOpt = Annotated[list[str], typer.Option("--set", help="override a setting, e.g. --set key_threshold=0.9")]
@@ -95,6 +95,8 @@ def edit(
         with folder_lock(out):
             saved = _saved(out)
             if resume and saved is not None:
+                if method is not None and method != saved.name:
+                    raise MethodError(f"{out} holds a {saved.name!r} memory, not {method!r}")
                 if set_ or preset is not None:
                     raise ConfigError("--set and --preset cannot change a saved memory's settings when resuming")
                 editor = _load_saved(out, model, dtype, device)
@@ -102,7 +104,7 @@ def edit(
             else:
                 if saved is not None:
                     raise MethodError(f"{out} already holds a memory; pass --resume to continue it")
-                cls = get_method(method)
+                cls = get_method(method or "elder")
                 settings = _settings(cls, preset, set_)
                 base, tokenizer, name = load_base(model, dtype, device)
                 editor = cls.create(base, tokenizer, name, settings)
@@ -200,6 +202,7 @@ def demo(
     from elder.demo import run_demo
 
     try:
+        method = method or "elder"
         settings = _settings(get_method(method), preset, set_)
         if out is None:
             run_demo(facts, None, method, settings, echo=typer.echo)

@@ -39,6 +39,7 @@ class Use:
     def __init__(self, rows: int, used: bool) -> None:
         self.used = [used] * rows
         self.distance = [float("inf")] * rows
+        self.edit_ids: list[str | None] = [None] * rows
 
 
 class HookedMethod(EditingMethod):
@@ -64,9 +65,10 @@ class HookedMethod(EditingMethod):
         return cls(base, tokenizer, base_name, cls.config(settings))
 
     @abstractmethod
-    def _edits(self, prompts: Sequence[str], use_edits: bool, training: bool = False):
+    def _edits(self, prompts: Sequence[str], use_edits: bool, training: bool = False, generating: bool = False):
         """A context manager: the method's hooks on (or off) for one call on these prompts, yielding a `Use`
-        (`training`: the call trains the edits, so the hooks are on whatever is held)."""
+        (`training`: the call trains the edits, so the hooks are on whatever is held; `generating`: the prompts
+        are left-padded and answered token by token, else right-padded and teacher-forced)."""
 
     @abstractmethod
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -108,6 +110,18 @@ class HookedMethod(EditingMethod):
         """The hooks as they train on these records (default: as they answer an edited prompt)."""
         return self._edits([r.prompt for r in records], use_edits=True, training=True)
 
+    def _extra_state(self) -> dict:
+        """JSON-ready state beside the tensors (default: none)."""
+        return {}
+
+    def _load_extra(self, extra: dict) -> None:
+        """Restore `_extra_state()` output."""
+
+    def _fits(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether saved tensors fit this editor (default: the same names and shapes as its own)."""
+        expected = {k: tuple(v.shape) for k, v in self._tensors().items()}
+        return set(tensors) == set(expected) and all(tuple(tensors[k].shape) == expected[k] for k in expected)
+
     def _check_new(self, records: Sequence[EditRecord]) -> None:
         seen = set(self.records)
         for record in records:
@@ -141,9 +155,9 @@ class HookedMethod(EditingMethod):
         out = []
         for lo in range(0, len(prompts), SCORE_BATCH):
             chunk = list(prompts[lo:lo + SCORE_BATCH])
-            with self._edits(chunk, use_edits) as use:
+            with self._edits(chunk, use_edits, generating=True) as use:
                 texts = greedy(self.base, self.tokenizer, chunk, max_new_tokens)
-            out += [Answer(p, t, u, d) for p, t, u, d in zip(chunk, texts, use.used, use.distance)]
+            out += [Answer(p, t, u, d, e) for p, t, u, d, e in zip(chunk, texts, use.used, use.distance, use.edit_ids)]
         return out
 
     # --- state ---------------------------------------------------------------------------------
@@ -171,7 +185,7 @@ class HookedMethod(EditingMethod):
         write_json(folder / STATE_FILE, {
             "format": "elder-state", "format_version": STATE_FORMAT_VERSION, "method": self.name,
             "config": self.cfg.to_dict(), "base": self._base_identity(), "tensors": {"file": name, "sha256": digest},
-            "edits": self.records})
+            "edits": self.records, "extra": self._extra_state()})
         for stale in folder.glob(f"{self.name}-*.safetensors"):
             if stale.name != name:
                 stale.unlink(missing_ok=True)
@@ -213,10 +227,10 @@ class HookedMethod(EditingMethod):
             if saved["class"] != type(base).__name__ or saved["hidden"] != editor._base_identity()["hidden"]:
                 raise StateFormatError(f"{folder} was made on a {saved['class']} of width {saved['hidden']}, not "
                                        f"on this {type(base).__name__}")
-            expected = {k: tuple(v.shape) for k, v in editor._tensors().items()}
-            if set(tensors) != set(expected) or any(tuple(tensors[k].shape) != expected[k] for k in expected):
+            if not editor._fits(tensors):
                 raise StateFormatError(f"{folder}: the saved tensors do not fit these settings on this model")
             editor._load_tensors(tensors)
+            editor._load_extra(state.get("extra", {}))
             editor.records = {k: EditRecord.from_dict(v, f"{folder} edit {k}").to_dict()
                               for k, v in state["edits"].items()}
         except BaseException:

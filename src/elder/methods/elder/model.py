@@ -401,8 +401,10 @@ class ElderModel:
         elif self.key_path is not None and self.config.rereads_answer:
             answers = self._continue(rows, answers, spans, max_new_tokens)
         used, distance = session.route.used.tolist(), session.route.distance.tolist()
+        rows = session.route.edits.tolist() if session.route.edits is not None else [-1] * len(prompts)
+        edit_ids = [self.bank.ids[r] if u and r >= 0 else None for u, r in zip(used, rows)]
         texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
-        return [Answer(p, t, u, d) for p, t, u, d in zip(prompts, texts, used, distance)]
+        return [Answer(p, t, u, d, e) for p, t, u, d, e in zip(prompts, texts, used, distance, edit_ids)]
 
     def _continue(self, prompts: list[list[int]], answers: list[list[int]], spans: list[int],
                   max_new_tokens: int) -> list[list[int]]:

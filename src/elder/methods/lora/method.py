@@ -41,7 +41,8 @@ class LoRAMethod(HookedMethod):
             raise
 
     @contextmanager
-    def _edits(self, prompts: Sequence[str], use_edits: bool, training: bool = False) -> Iterator[Use]:
+    def _edits(self, prompts: Sequence[str], use_edits: bool, training: bool = False,
+               generating: bool = False) -> Iterator[Use]:
         on = training or (use_edits and bool(self.records))
         with self.deltas.active(on):
             yield Use(len(prompts), on)
