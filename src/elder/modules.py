@@ -85,3 +85,15 @@ def block_module(model: nn.Module, layers: str, layer: int, suffix: str | None, 
     path = f"{layers}.{layer}.{suffix or block_suffix(model, layers, candidates, setting)}"
     linear_shape(get_module(model, path), path)
     return path
+
+
+FFN_OUTPUTS = ("mlp.down_proj", "mlp.c_proj")  # the FFN's output linear in LLaMA-shaped and GPT-2-shaped blocks
+
+
+def ffn_output_path(model: nn.Module, layer: int | None, suffix: str | None, band: float) -> str:
+    """The FFN output linear of decoder block `layer` (None: the block at `band` of the depth, within range)."""
+    depth = num_hidden_layers(model)
+    layer = layer if layer is not None else min(depth - 1, round(band * depth))
+    if layer >= depth:
+        raise ConfigError(f"layer {layer} lies outside a model of {depth} layers")
+    return block_module(model, decoder_layers_path(model), layer, suffix, FFN_OUTPUTS)

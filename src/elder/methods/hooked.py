@@ -8,7 +8,8 @@ import json
 import os
 import time
 from abc import abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
 
@@ -18,6 +19,7 @@ from safetensors.torch import load, save
 from torch import nn
 
 from elder.data import EditRecord
+from elder.deltas import OutputDeltas
 from elder.errors import ElderError, NonFiniteLossError
 from elder.files import atomic_write, write_json
 from elder.forward import SCORE_BATCH, greedy, input_device, scored_batches, train_targets
@@ -272,3 +274,22 @@ def _chunks(prompts: Sequence[str], targets: Sequence[str]):
         raise InputError(f"{len(prompts)} prompts but {len(targets)} targets")
     for lo in range(0, len(prompts), SCORE_BATCH):
         yield list(prompts[lo:lo + SCORE_BATCH]), list(targets[lo:lo + SCORE_BATCH])
+
+
+class DeltaMethod(HookedMethod):
+    """A hooked method whose edits are additive deltas (`self.deltas`, an OutputDeltas) trained by `_fit`: on for
+    every input once anything is held, with no deferral."""
+
+    deltas: OutputDeltas
+
+    @contextmanager
+    def _edits(self, prompts: Sequence[str], use_edits: bool, training: bool = False,
+               generating: bool = False) -> Iterator[Use]:
+        on = training or (use_edits and bool(self.records))
+        with self.deltas.active(on):
+            yield Use(len(prompts), on)
+
+    def close(self) -> nn.Module:
+        """Take the hooks out and give back the base model."""
+        self.deltas.remove()
+        return self._release()

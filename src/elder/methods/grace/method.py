@@ -18,8 +18,7 @@ from elder.forward import input_device, scored_batches, target_logits
 from elder.methods.base import EditResult, Forgets, MethodError, TokenPrediction, TunesThreshold
 from elder.methods.grace.config import GraceConfig
 from elder.methods.hooked import HookedMethod, StateFormatError, Use
-from elder.modules import block_module, decoder_layers_path, get_module, linear_shape, num_hidden_layers
-from elder.settings import ConfigError
+from elder.modules import ffn_output_path, get_module, linear_shape
 from elder.tokens import context_limit, encode_prompt, target_argmax, teacher_forced
 
 BAND = 27 / 32  # EasyEdit edits layer 27 of LLaMA-7B's 32
@@ -34,14 +33,10 @@ class GraceMethod(HookedMethod, TunesThreshold, Forgets):
     config_class = GraceConfig
 
     def __init__(self, base: nn.Module, tokenizer, base_name: str, config: GraceConfig) -> None:
-        depth = num_hidden_layers(base)
-        layer = config.layer if config.layer is not None else min(depth - 1, round(BAND * depth))
-        if layer >= depth:
-            raise ConfigError(f"layer {layer} lies outside a model of {depth} layers")
+        path = ffn_output_path(base, config.layer, config.module, BAND)
         super().__init__(base, tokenizer, base_name, config)
         try:
-            self.path = block_module(base, decoder_layers_path(base), layer, config.module,
-                                     ("mlp.down_proj", "mlp.c_proj"))
+            self.path = path
             module = get_module(base, self.path)
             self.key_size, self.value_size = linear_shape(module, self.path)
             self.device = module.weight.device

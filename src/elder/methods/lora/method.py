@@ -3,8 +3,7 @@ no routing and no deferral, so later edits overwrite earlier ones where they sha
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -12,7 +11,7 @@ from torch import nn
 from elder.data import EditRecord
 from elder.deltas import LowRankDelta, OutputDeltas
 from elder.methods.base import EditResult
-from elder.methods.hooked import HookedMethod, Use
+from elder.methods.hooked import DeltaMethod
 from elder.methods.lora.config import LoRAConfig
 from elder.modules import block_suffix, decoder_layers_path, num_hidden_layers
 from elder.settings import ConfigError
@@ -21,7 +20,7 @@ LLAMA_MODULES = ("self_attn.q_proj", "self_attn.v_proj")
 GPT2_MODULES = ("attn.c_attn",)
 
 
-class LoRAMethod(HookedMethod):
+class LoRAMethod(DeltaMethod):
     """One LoRA adapter (Hu et al., 2022) fine-tuned on every edit in turn."""
 
     name = "lora"
@@ -40,13 +39,6 @@ class LoRAMethod(HookedMethod):
             self._release()
             raise
 
-    @contextmanager
-    def _edits(self, prompts: Sequence[str], use_edits: bool, training: bool = False,
-               generating: bool = False) -> Iterator[Use]:
-        on = training or (use_edits and bool(self.records))
-        with self.deltas.active(on):
-            yield Use(len(prompts), on)
-
     def edit(self, records: Sequence[EditRecord]) -> list[EditResult]:
         """Train the adapter on each batch of edits in turn."""
         return self._fit(records, self.deltas.parameters())
@@ -61,10 +53,6 @@ class LoRAMethod(HookedMethod):
                 for name, p in delta.named_parameters():
                     p.copy_(tensors[f"{path}.{name}"])
 
-    def close(self) -> nn.Module:
-        """Take the hooks out and give back the base model."""
-        self.deltas.remove()
-        return self._release()
 
 
 def _default_modules(base: nn.Module, layers: str) -> tuple[str, ...]:
