@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from elder.data import EditRecord
+from elder.forward import SCORE_BATCH, SCORE_MAX_TOKENS
 from elder.methods.base import Answer, EditingMethod, EditResult, Forgets, TokenPrediction, TunesThreshold
 from elder.methods.elder.config import ElderConfig
 from elder.methods.elder.editing import apply_edits, forget
@@ -16,9 +17,6 @@ from elder.methods.elder.model import ElderModel
 from elder.methods.elder.persistence import MANIFEST, check_memory_folder, load_memory, read_manifest, save_memory
 from elder.settings import ConfigError
 from elder.tokens import InputError, TeacherForced, target_argmax, target_logprob, teacher_forced
-
-SCORE_BATCH = 16  # rows per teacher-forced scoring forward
-SCORE_MAX_TOKENS = 256  # longest continuation scored (locality answers and task options can be long)
 
 
 class ElderMethod(EditingMethod, TunesThreshold, Forgets):

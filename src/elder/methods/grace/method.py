@@ -9,12 +9,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from elder.data import EditRecord
 from elder.errors import NonFiniteLossError
-from elder.forward import input_device, scored_batches, target_logits
+from elder.forward import input_device, scored_batches, train_targets
 from elder.methods.base import EditResult, Forgets, MethodError, TokenPrediction, TunesThreshold
 from elder.methods.grace.config import GraceConfig
 from elder.methods.hooked import HookedMethod, StateFormatError, Use
@@ -51,11 +50,6 @@ class GraceMethod(HookedMethod, TunesThreshold, Forgets):
         self.key_edits: list[str] = []  # the edit that made each key
         self._generator = torch.Generator().manual_seed(config.seed)
         self._call: dict | None = None  # the call the hook serves: its positions, switches and what it saw
-
-    @property
-    def batch_size(self) -> int:
-        """One edit at a time."""
-        return 1
 
     # --- the hook ----------------------------------------------------------------------------------
 
@@ -133,24 +127,14 @@ class GraceMethod(HookedMethod, TunesThreshold, Forgets):
             query = self._call["queries"][0]
         index = self._place(query, record)
         value = nn.Parameter(self.values[index].clone())
-        optimizer = torch.optim.Adam([value], lr=self.cfg.lr)
-        steps = 0
         with self._edits(prompts, True), torch.enable_grad():
             self._call["value"] = value
-            for steps in range(1, self.cfg.steps + 1):
-                logits = target_logits(self.base, batch).float()
-                loss = F.cross_entropy(logits, batch.target_ids.to(logits.device))
-                if not torch.isfinite(loss):
-                    self._unplace(index, record.id)
-                    raise NonFiniteLossError(f"the training loss is {loss.item()} at step {steps}; lower lr")
-                if loss.item() < self.cfg.stop_loss:
-                    steps -= 1
-                    break
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            with torch.no_grad():
-                learned = bool((target_logits(self.base, batch).argmax(-1) == batch.target_ids.to(logits.device)).all())
+            try:
+                steps, learned = train_targets(self.base, batch, [value], self.cfg.lr, self.cfg.steps,
+                                               self.cfg.stop_loss)
+            except NonFiniteLossError:
+                self._unplace(index, record.id)
+                raise
         with torch.no_grad():
             self.values[index] = value.detach()
         self.records[record.id] = record.to_dict()
