@@ -84,6 +84,13 @@ class ElderConfig(MethodConfig):
         metadata={"help": "earlier edits trained again beside each new batch, drawn at random (0: none, the paper); "
                           "needs deferral='subject_key', whose routes are each edit's preset"},
     )
+    block_edits: int = field(
+        default=0,
+        metadata={"help": "edits allocated to one block of num_experts experts per layer; once it holds this many, "
+                          "the block is frozen as it is and a fresh block takes the next edits, and replay draws from "
+                          "the open block only (0: one pool that every edit shares, the paper); needs "
+                          "deferral='subject_key'"},
+    )
     refresh_codes: bool = field(
         default=False,
         metadata={"help": "re-derive every stored code after each batch, so old edits' codes follow the routers"},
@@ -142,6 +149,11 @@ class ElderConfig(MethodConfig):
             raise ConfigError(f"deferral must be one of {', '.join(DEFERRALS)}, got {self.deferral!r}")
         if isinstance(self.replay, bool) or not isinstance(self.replay, int) or self.replay < 0:
             raise ConfigError(f"replay must be an integer >= 0, got {self.replay!r}")
+        if self.block_edits < 0:  # its type, as every setting's, is checked above
+            raise ConfigError(f"block_edits must be an integer >= 0, got {self.block_edits!r}")
+        if self.block_edits and self.deferral != "subject_key":
+            raise ConfigError("block_edits needs deferral='subject_key' (an edit's route is then its preset, which "
+                              "names its block); set block_edits=0")
         if self.replay and self.deferral != "subject_key":
             raise ConfigError("replay needs deferral='subject_key' (an earlier edit's route is then its preset); "
                               "set replay=0")

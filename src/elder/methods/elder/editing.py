@@ -80,7 +80,9 @@ def _replayed(model: ElderModel, item: _Prepared) -> tuple[list[str], TeacherFor
     answers."""
     if model.config.replay == 0:
         return item.fact_ids, item.batch
-    earlier = [edit_id for edit_id, entry in model.edit_log.items() if entry["learned"]]  # others never stop
+    # edits that never stopped would never let a batch stop; frozen blocks are not trained (block_edits)
+    held = model.open_block_edits() if model.config.block_edits else model.edit_log
+    earlier = [edit_id for edit_id in held if model.edit_log[edit_id]["learned"]]
     count = min(model.config.replay, len(earlier))
     if count == 0:
         return item.fact_ids, item.batch
@@ -99,6 +101,7 @@ def _replayed(model: ElderModel, item: _Prepared) -> tuple[list[str], TeacherFor
 def _train_batch(model: ElderModel, item: _Prepared) -> list[EditResult]:
     cfg = model.config
     start = time.perf_counter()
+    model.make_room(len(item.records))  # block_edits: a full open block is frozen, these edits go to a fresh one
     fact_ids, batch = _replayed(model, item)
     new = batch.rows < len(item.fact_ids)  # target tokens of the batch's own edits (the rest are replayed)
     presets = torch.stack([model.preset_for(fid) for fid in fact_ids]).to(model.query_device)

@@ -163,12 +163,16 @@ class ElderModel:
             if defer:
                 used &= best >= self.config.key_threshold
             distance = torch.where(rows >= 0, 1.0 - best, torch.full_like(best, float("inf")))
-        chosen = torch.zeros(len(allocation), len(self.adapters), self.config.num_experts, dtype=torch.bool,
+        chosen = torch.zeros(len(allocation), len(self.adapters), self.total_experts, dtype=torch.bool,
                              device=self.query_device)
         chosen.scatter_(-1, allocation, True)
         weights = (chosen & used[:, None, None]).float()  # each chosen expert at weight 1 (no router to weigh it)
         edits = None if forced is not None else rows
-        return Route(query, chosen.float(), weights, chosen.flatten(1), used, distance, edits)
+        # the stored code names the experts within their block (the bank's width is one block's)
+        local = torch.zeros(len(allocation), len(self.adapters), self.config.num_experts, dtype=torch.bool,
+                            device=self.query_device)
+        local.scatter_(-1, allocation % self.config.num_experts, True)
+        return Route(query, chosen.float(), weights, local.flatten(1), used, distance, edits)
 
     def router_scores(self, query: torch.Tensor) -> torch.Tensor:
         """Every router's softmax scores (batch, L, N) for query vectors (batch, d), on the query's device."""
@@ -444,16 +448,50 @@ class ElderModel:
 
     # --- presets of the guided loss ----------------------------------------------------------------
 
+    @property
+    def total_experts(self) -> int:
+        """Experts per adapted layer, frozen blocks and the open one."""
+        return self.adapters[0].total_experts
+
+    @property
+    def open_block(self) -> int:
+        """Index of the block of experts that new edits are allocated to (0 until a block is frozen)."""
+        return self.adapters[0].frozen_experts // self.config.num_experts
+
+    def block_of(self, fact_id: str) -> int:
+        """The block of experts holding a fact's preset allocation."""
+        return int(self.presets[fact_id].min()) // self.config.num_experts
+
+    def open_block_edits(self) -> list[str]:
+        """Ids of the stored edits allocated to the open block, in edit order."""
+        block = self.open_block
+        return [i for i in self.edit_log if i in self.presets and self.block_of(i) == block]
+
+    def make_room(self, count: int) -> bool:
+        """Under block_edits, freeze the open block when `count` more edits would overfill it (a block holds at
+        least one batch); returns whether a block was frozen."""
+        limit = self.config.block_edits
+        held = len(self.open_block_edits()) if limit else 0
+        if not limit or held == 0 or held + count <= limit:
+            return False
+        block = self.open_block + 1
+        for index, adapter in enumerate(self.adapters):
+            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + block * 1009 + index)
+            adapter.freeze_block(generator)
+        return True
+
     def preset_for(self, fact_id: str) -> torch.Tensor:
-        """The fact's preset allocation (L, k), drawn once, unique across facts and reproducible from the seed."""
+        """The fact's preset allocation (L, k) in the open block, drawn once, unique across facts and reproducible
+        from the seed."""
         if fact_id not in self.presets:
             taken = self._taken_presets
             space = math.comb(self.config.num_experts, self.config.top_k) ** len(self.adapters)
-            if len(taken) >= space:
+            if len(taken) >= space * (self.open_block + 1):
                 raise ConfigError(f"all {space} distinct allocations are taken; raise num_experts or num_layers")
+            first = self.open_block * self.config.num_experts
             for attempt in range(10_000):
                 rng = random.Random(f"{self.config.seed}:{fact_id}:{attempt}")
-                preset = [sorted(rng.sample(range(self.config.num_experts), self.config.top_k))
+                preset = [sorted(first + e for e in rng.sample(range(self.config.num_experts), self.config.top_k))
                           for _ in self.adapters]
                 if tuple(x for row in preset for x in row) not in taken:
                     break
@@ -466,6 +504,8 @@ class ElderModel:
         """Record a fact's preset allocation (L, k)."""
         if preset.shape != (len(self.adapters), self.config.top_k):
             raise ValueError(f"preset of {fact_id!r} has shape {tuple(preset.shape)}")
+        if len(preset) and (int(preset.min()) < 0 or int(preset.max()) >= self.total_experts):
+            raise ValueError(f"preset of {fact_id!r} names experts outside the {self.total_experts} held")
         self.presets[fact_id] = preset
         self._taken_presets.add(tuple(preset.flatten().tolist()))
 

@@ -22,10 +22,10 @@ from elder.modules import get_module, num_hidden_layers
 from elder.settings import ConfigError
 
 FORMAT = "elder-memory"
-# 5: the manifest carries its own checksum; 4: subject keys of key_span tokens, read spaced; 3: subject keys
+# 6: frozen blocks of experts (block_edits); 5: the manifest carries its own checksum; 4: subject keys of key_span tokens, read spaced; 3: subject keys
 # (bank.keys); 2: int8 stored queries plus a scale per row; 1: fp16 queries
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 MANIFEST = "memory.json"
 _FINGERPRINT_VALUES = 256  # leading weights of each adapted module: enough to tell checkpoints apart
 
@@ -158,6 +158,10 @@ def load_memory(directory: str | os.PathLike, base, tokenizer, base_name: str | 
         _check_base(model, saved_base, tensors)
         _check_shapes(model, tensors)
         state = {k.removeprefix("adapters."): v for k, v in tensors.items() if k.startswith("adapters.")}
+        for index, adapter in enumerate(model.adapters):
+            frozen = state.setdefault(f"{index}.frozen_A", adapter.frozen_A)  # before version 6: none frozen
+            state.setdefault(f"{index}.frozen_B", adapter.frozen_B)
+            adapter.resize_frozen(frozen.shape[0])
         model.adapters.load_state_dict(state, strict=True)
         if bank_ids:
             if "bank.query_values" in tensors:
@@ -192,6 +196,14 @@ def _check_shapes(model: ElderModel, tensors: dict) -> None:
                    ("rank", config.rank, rank, "experts of rank {}")]
     if "presets" in tensors:
         checks.append(("top_k", config.top_k, tensors["presets"].shape[-1], "presets of {} experts per layer"))
+    if "adapters.0.frozen_A" in tensors:
+        frozen = tensors["adapters.0.frozen_A"].shape[0]
+        if frozen % config.num_experts:
+            raise MemoryFormatError(f"its tensors hold {frozen} frozen experts per layer, not whole blocks of "
+                                    f"num_experts={config.num_experts}")
+        if frozen and not config.block_edits:
+            raise MemoryFormatError(f"its tensors hold {frozen // config.num_experts} frozen blocks of experts, but "
+                                    "the manifest says block_edits=0")
     for name, said, held, what in checks:
         if said != held:
             raise MemoryFormatError(f"the manifest says {name}={said}, but its tensors hold {what.format(held)}")
