@@ -232,7 +232,7 @@ def test_immediate_and_curve_protocols_are_written(bench_setup, tmp_path):
 
 def test_tuning_uses_only_the_validation_split(bench_setup, tmp_path):
     model, data = bench_setup
-    code = {"elder": {**ELDER_SETTINGS, "deferral": "code", "replay": 0}}
+    code = {"elder": {**ELDER_SETTINGS, "deferral": "code", "replay": 0, "block_edits": 0}}
     summary = run_bench(settings_for(model, data, edits=4, validation=2, tune=True, method_settings=code),
                         tmp_path / "t", progress=False, echo=lambda s: None)
     tuning = summary["methods"]["elder"]["tuning"]

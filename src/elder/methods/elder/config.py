@@ -195,6 +195,7 @@ PRESETS: Mapping[str, Mapping] = MappingProxyType({
         "deferral": "subject_key",
         "replay": 8,
         "num_experts": 64,
+        "block_edits": 1000,
         "lr": 5e-3,
         "router_lr": 1e-2,
         "iterations": 50,
