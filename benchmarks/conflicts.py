@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,16 +49,23 @@ def read_counterfact(path: Path) -> tuple[list[Fact], list[Probe]]:
     data = json.loads(path.read_text(encoding="utf-8"))
     facts, probes = [], []
     for i, d in enumerate(data):
-        if "requested_rewrite" in d:
-            rewrite = d["requested_rewrite"]
-            relation, old = rewrite["relation_id"], rewrite["target_true"]["str"]
-            facts.append(Fact(rewrite["subject"], relation, old))
-            probes += [Probe(i, p, relation, old) for p in d.get("neighborhood_prompts", [])]
-        else:
-            facts.append(Fact(d["subject"], None, d["ground_truth"]))
-            if d.get("locality_prompt"):
-                probes.append(Probe(i, d["locality_prompt"], None, d["locality_ground_truth"]))
+        try:
+            _read_record(i, d, facts, probes)
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{path}: record {i} is not a CounterFact record ({type(error).__name__}: {error})")
     return facts, probes
+
+
+def _read_record(i: int, d: dict, facts: list[Fact], probes: list[Probe]) -> None:
+    if "requested_rewrite" in d:
+        rewrite = d["requested_rewrite"]
+        relation, old = rewrite["relation_id"], rewrite["target_true"]["str"]
+        facts.append(Fact(rewrite["subject"], relation, old))
+        probes.extend(Probe(i, p, relation, old) for p in d.get("neighborhood_prompts", []))
+    else:
+        facts.append(Fact(d["subject"], None, d["ground_truth"]))
+        if d.get("locality_prompt"):
+            probes.append(Probe(i, d["locality_prompt"], None, d["locality_ground_truth"]))
 
 
 def named_subjects(prompt: str, first_words: dict[str, set[str]]) -> set[str]:
@@ -70,8 +78,11 @@ def named_subjects(prompt: str, first_words: dict[str, set[str]]) -> set[str]:
     return found
 
 
-def conflicts(facts: list[Fact], probes: list[Probe], edits: int) -> dict[str, int]:
-    """Counts for the stream of the first `edits` facts and their probes."""
+def conflicts(facts: list[Fact], probes: list[Probe], edits: int,
+              ask: Callable[[Probe, Fact], bool] | None = None) -> dict[str, int]:
+    """Counts for the stream of the first `edits` facts and their probes; `ask` tells whether a probe asks a fact
+    (default: `asks`)."""
+    ask = ask or asks
     stream = facts[:edits]
     by_subject: dict[str, list[int]] = {}
     for i, fact in enumerate(stream):
@@ -90,7 +101,7 @@ def conflicts(facts: list[Fact], probes: list[Probe], edits: int) -> dict[str, i
         if not others:
             continue
         counts["naming an edited subject"] += 1
-        if any(asks(probe, stream[j]) for j in others):
+        if any(ask(probe, stream[j]) for j in others):
             counts["asking an edited fact"] += 1
     return counts
 
@@ -99,6 +110,11 @@ def asks(probe: Probe, fact: Fact) -> bool:
     """Whether the probe asks the edited fact: its relation where both name one, else its old answer."""
     if probe.relation is not None and fact.relation is not None:
         return probe.relation == fact.relation
+    return same_answer(probe, fact)
+
+
+def same_answer(probe: Probe, fact: Fact) -> bool:
+    """Whether the probe's expected answer is the fact's old answer (the proxy where no relation is named)."""
     return probe.answer.strip().casefold() == fact.old.strip().casefold()
 
 
@@ -110,7 +126,10 @@ def main() -> None:
     kind, _, path = args.data.partition(":")
     if kind != "counterfact" or not path:
         parser.error("--data must be counterfact:PATH")
-    facts, probes = read_counterfact(Path(path))
+    try:
+        facts, probes = read_counterfact(Path(path))
+    except (OSError, ValueError) as error:  # json's decode error is a ValueError
+        parser.error(str(error))
     print(f"data {args.data}")
     print("T      probes  naming an edited subject  asking an edited fact  Loc ceiling (neighbours)")
     for edits in args.edits:
@@ -118,6 +137,12 @@ def main() -> None:
         ceiling = 100 * (1 - c["asking an edited fact"] / c["probes"]) if c["probes"] else float("nan")
         print(f"{edits:<6} {c['probes']:>6}  {c['naming an edited subject']:>24}  {c['asking an edited fact']:>21}  "
               f"{ceiling:>24.1f}")
+    if any(fact.relation is not None for fact in facts):  # how good the old-answer proxy is, where relations exist
+        for edits in args.edits:
+            proxy = conflicts(facts, probes, edits, same_answer)["asking an edited fact"]
+            both = conflicts(facts, probes, edits, lambda p, f: same_answer(p, f) and p.relation == f.relation)
+            print(f"T = {edits}: the old-answer proxy finds {proxy} conflicts, {both['asking an edited fact']} of "
+                  "them with the same relation")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def run(path: Path, *edits: int) -> list[list[str]]:
 def test_mend_split_conflicts_are_probes_naming_an_edited_subject_with_its_old_answer(tmp_path):
     records = [
         mend_record(0, "Zeta", "Zeta is made by", "Acme", "Dodge Charger is made by", "Dodge"),  # asks record 1's fact
-        mend_record(1, "Dodge Charger", "Dodge Charger, made by", "Dodge", "Omega is a", "pope"),  # names no subject
+        mend_record(1, "Dodge Charger", "Dodge Charger, made by", "Dodge", "Omega is a", "pope"),  # Omega: record 4
         mend_record(2, "Kevin", "Kevin speaks", "French", "Zeta is located in", "Asia"),  # Zeta: another fact
         mend_record(3, "Ur", "Ur is in", "Asia", "Kevin Durant plays", "basketball"),  # "Kevin" is named, other fact
         mend_record(4, "Omega", "Omega is a", "pope", "Zetaland is in", "Europe"),  # not a whole-word run of Zeta
@@ -55,6 +55,32 @@ def test_rome_records_compare_relations(tmp_path):
     path = tmp_path / "cf.json"
     path.write_text(json.dumps(records))
     assert run(path, 3)[0][:4] == ["3", "3", "2", "1"]
+
+
+def test_rome_records_report_how_the_old_answer_proxy_agrees_with_relations(tmp_path):
+    records = [rome_record(0, "Zeta", "P1", "Acme", ["Kodak is made by", "Nokia is made by"]),
+               rome_record(1, "Kodak", "P1", "Acme", []),  # same relation and old answer: found by both
+               rome_record(2, "Nokia", "P2", "Acme", [])]  # same old answer, another relation: a false proxy hit
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(records))
+    out = subprocess.run([sys.executable, str(SCRIPT), "--data", f"counterfact:{path}", "--edits", "3"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "T = 3: the old-answer proxy finds 2 conflicts, 1 of them with the same relation" in out
+    records[1]["requested_rewrite"]["relation_id"] = "P3"  # now neither proxy hit shares its relation
+    path.write_text(json.dumps(records))
+    out = subprocess.run([sys.executable, str(SCRIPT), "--data", f"counterfact:{path}", "--edits", "3"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "T = 3: the old-answer proxy finds 2 conflicts, 0 of them with the same relation" in out
+
+
+def test_a_malformed_record_is_one_line_naming_it(tmp_path):
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps([mend_record(0, "Zeta", "Zeta is made by", "Acme", "Ur is in", "Asia"),
+                                {"case_id": 1, "prompt": "Ur is in"}]))
+    result = subprocess.run([sys.executable, str(SCRIPT), "--data", f"counterfact:{path}", "--edits", "2"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "record 1 is not a CounterFact record" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_other_data_is_refused(tmp_path):
