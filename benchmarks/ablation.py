@@ -7,7 +7,8 @@ Each --config is a JSON object of ELDER settings: a `preset` (default `fast`) pl
 trains the same first T edits, on the edit prompt only, then scores all of them: Rel (teacher-forced token accuracy
 on the edit prompt, also for the first and the last fifth of the stream, which shows forgetting), Gen (each edit's
 first rephrase), Loc on neighbours (each record's first neighbour probe: CounterFact's own, or for ZsRE the edit's
-prompt asked about a subject not edited in the stream, taken from the records after it) and on unrelated prompts
+prompt asked about a subject not edited in the stream, taken from the records after it; also apart for those that
+name an edited subject, which a subject key lets in, and the others, with the former's count) and on unrelated prompts
 (each record's first unrelated probe; agreement with the base model's argmax tokens), how often the memory answered
 edit prompts, rephrases, neighbours and unrelated prompts, the generation scores (greedy answers to the edit prompt
 and first rephrase that begin with the target, edited/base n-gram entropy of the edit prompts' answers, % of
@@ -48,6 +49,18 @@ def agreement(edited, base) -> float:
     return mean(mean(a == b for a, b in zip(e.predicted, n.predicted)) for e, n in zip(edited, base))
 
 
+def where(keep, *columns) -> list[list]:
+    """Each column's items where `keep` is true."""
+    return [[item for item, k in zip(column, keep, strict=True) if k] for column in columns]
+
+
+def naming(prompts, records) -> list[bool]:
+    """Whether each prompt names the subject of an edit in the stream (as a substring): a subject key lets such a
+    neighbour in, so only the experts can keep its answer."""
+    subjects = {r.subject for r in records if r.subject}
+    return [any(s in prompt for s in subjects) for prompt in prompts]
+
+
 def run(base, tokenizer, name, settings: dict, records, others=(), generation_tokens: int = 32) -> dict:
     method = ElderMethod.create(base, tokenizer, name, settings)
     answer = lambda prompts, use_edits: [  # noqa: E731
@@ -64,6 +77,7 @@ def run(base, tokenizer, name, settings: dict, records, others=(), generation_to
         near = first_probes(with_neighbours(records, others), "neighbour")
         near_edited = method.predict(*near)
         near_base = method.predict(*near, use_edits=False)
+        named = naming(near[0], records)
         generated = {}
         if generation_tokens:
             base_answers = generate_all(answer, [r.prompt for r in records], False)
@@ -86,6 +100,9 @@ def run(base, tokenizer, name, settings: dict, records, others=(), generation_to
         "used_unrelated": mean(p.used_memory for p in unrelated),
         "used_neighbour": mean(p.used_memory for p in near_edited),
         "loc_neighbour": agreement(near_edited, near_base),
+        "neighbours_naming_edited": sum(named),
+        "loc_neighbour_naming": agreement(*where(named, near_edited, near_base)),
+        "loc_neighbour_other": agreement(*where([not n for n in named], near_edited, near_base)),
         "loc_unrelated": agreement(unrelated, unrelated_base),
         **{f"generated_{k}": generated.get(k) for k in ("rel_gen", "gen_gen", "fluency_ratio", "repeated_target")},
         "learned_when_trained": mean(r.learned for r in results),
@@ -122,7 +139,7 @@ def main() -> None:
         others = []
     base, tokenizer, name = load_base(args.model)
     print(f"model {name}; data {args.data}; first {len(records)} edits, edit prompts only")
-    print(f"{'Rel':>6}{'first 1/5':>10}{'last 1/5':>9}{'Gen':>6}{'Loc nb':>7}{'Loc unr':>8}"
+    print(f"{'Rel':>6}{'first 1/5':>10}{'last 1/5':>9}{'Gen':>6}{'Loc nb':>7}{'naming/not (n)':>18}{'Loc unr':>8}"
           f"{'used: edit/reph/nb/unrel':>26}{'gen Rel/Gen':>12}{'fluency':>8}{'repeat':>7}{'s/edit':>7}{'steps':>6}"
           "  settings")
     rows = []
@@ -132,9 +149,12 @@ def main() -> None:
         used = (f"{row['used_prompt']:.2f}/{row['used_rephrase']:.2f}/{row['used_neighbour']:.2f}/"
                 f"{row['used_unrelated']:.2f}")
         pct = lambda key: "n/a" if row[key] is None else f"{100 * row[key]:.1f}"  # noqa: E731
+        named = (f"{100 * row['loc_neighbour_naming']:.1f}/{100 * row['loc_neighbour_other']:.1f} "
+                 f"({row['neighbours_naming_edited']})")
         fluency = "n/a" if row["generated_fluency_ratio"] is None else f"{row['generated_fluency_ratio']:.2f}"
         print(f"{100 * row['rel']:>6.1f}{100 * row['rel_first_fifth']:>10.1f}{100 * row['rel_last_fifth']:>9.1f}"
-              f"{100 * row['gen']:>6.1f}{100 * row['loc_neighbour']:>7.1f}{100 * row['loc_unrelated']:>8.1f}{used:>26}"
+              f"{100 * row['gen']:>6.1f}{100 * row['loc_neighbour']:>7.1f}{named:>18}{100 * row['loc_unrelated']:>8.1f}"
+              f"{used:>26}"
               f"{pct('generated_rel_gen') + '/' + pct('generated_gen_gen'):>12}{fluency:>8}"
               f"{pct('generated_repeated_target'):>7}{row['seconds_per_edit_median']:>7.2f}"
               f"{row['steps_per_batch_mean']:>6.1f}  {json.dumps(settings)}", flush=True)

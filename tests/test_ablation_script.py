@@ -22,8 +22,12 @@ def inputs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ablation")
     tiny_llama().save_pretrained(folder / "tiny")
     byte_tokenizer().save_pretrained(folder / "tiny")
-    write_edits(folder / "edits.jsonl", [EditRecord(f"e{i}", f"Q{i}: sky?", "violet", (f"Sky {i}?",),
-                                                    (LocalityProbe(f"Z{i}: sea?", "blue"),)) for i in range(4)])
+    # the first edit's neighbour names the second edit's subject; the others name none
+    write_edits(folder / "edits.jsonl", [
+        EditRecord(f"e{i}", f"Q{i}: sky?", "violet", (f"Sky {i}?",),
+                   (LocalityProbe(f"Z{i}: sea?", "blue"), LocalityProbe("Q1: sea?" if i == 0 else f"W{i}: sea?",
+                                                                        "green", "neighbour")), subject=f"Q{i}")
+        for i in range(4)])
     return folder
 
 
@@ -43,6 +47,8 @@ def test_each_config_gets_a_row_on_the_same_stream(inputs):
     for row in rows:
         assert row["edits"] == 4 and row["learned_when_trained"] == 1.0 and row["steps_per_batch_mean"] >= 1
         assert 0.0 <= row["rel_first_fifth"] <= 1.0 and row["used_prompt"] == 1.0  # learned edits answer from memory
+        assert row["neighbours_naming_edited"] == 1  # "Q1: sea?" names edit e1's subject, "W2: sea?" none
+        assert 0.0 <= row["loc_neighbour_naming"] <= 1.0 and 0.0 <= row["loc_neighbour_other"] <= 1.0
     assert sum('"settle_routes": false' in line for line in done.stdout.splitlines()) == 1
 
 

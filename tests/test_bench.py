@@ -271,6 +271,14 @@ def test_several_methods_run_on_one_stream_and_only_those_with_a_threshold_are_t
         assert len((tmp_path / "m" / name / "scores.jsonl").read_text().splitlines()) == 4
     report = (tmp_path / "m" / "report.md").read_text()
     assert all(f"| {name} |" in report for name in ("elder", "ft", "lora"))
+    # bytes each edit adds to the saved state: ft and lora grow by their edit log only, elder by its codes and keys
+    costs = {name: summary["methods"][name]["cost"] for name in ("elder", "ft", "lora")}
+    for name, cost in costs.items():
+        assert cost["state_bytes"] == sum(p.stat().st_size for p in (tmp_path / "m" / name / "memory").iterdir())
+        assert cost["bytes_per_edit"] == (cost["state_bytes"] - cost["state_bytes_before_edits"]) / 4
+        assert 0 < cost["bytes_per_edit"] < cost["state_bytes"]
+    assert costs["elder"]["bytes_per_edit"] > costs["ft"]["bytes_per_edit"]
+    assert "bytes/edit" in report and "added per edit" in report
 
 
 def test_cli_bench_writes_the_report(bench_setup, tmp_path):

@@ -19,6 +19,7 @@ TINY = {
     "ft": {"lr": 1e-2, "steps": 200, "stop_loss": 1e-3, "batch_size": 2},
     "lora": {"lr": 2e-2, "steps": 200, "stop_loss": 1e-3, "batch_size": 2},
     "grace": {"layer": 2, "radius": 1e-4, "lr": 0.5, "steps": 200, "stop_loss": 1e-3},
+    "memoir": {"layer": 5, "active": 6, "lr": 5e-2, "steps": 200, "stop_loss": 1e-3, "threshold": 0.9},
 }
 # The same, for GPT-2-shaped blocks (4 layers).
 TINY_GPT2 = {
@@ -26,6 +27,7 @@ TINY_GPT2 = {
     "ft": TINY["ft"],
     "lora": {**TINY["lora"], "modules": ("mlp.c_fc",)},  # the tiny GPT-2's c_attn alone learns too slowly
     "grace": {**TINY["grace"], "layer": 1},
+    "memoir": {**TINY["memoir"], "layer": 2, "active": 6},
 }
 
 EDITS = [EditRecord("zq", "Where does Zorbulaq live? In", " Quem", subject="Zorbulaq"),
@@ -39,8 +41,15 @@ ONE_TOKEN = [EditRecord("zq", "Where does Zorbulaq live? In ", "Q", subject="Zor
 ONE_TOKEN_UNRELATED = ["Where does Pennimore live? In ", "The colour of Habrosk is "]
 
 
-def edits_for(name: str) -> tuple[list[EditRecord], list[str]]:
-    return (ONE_TOKEN, ONE_TOKEN_UNRELATED) if name == "grace" else (EDITS, UNRELATED)
+# MEMOIR on the tiny GPT-2: the two edit prompts' masks share 33-100% of their features at every layer and k tried
+# (1 to 32 of 128), and the second edit's training overwrote the first's later target tokens (measured); one-token
+# targets survive it.
+ONE_TOKEN_GPT2 = ("grace", "memoir")
+
+
+def edits_for(name: str, gpt2: bool = False) -> tuple[list[EditRecord], list[str]]:
+    one_token = name == "grace" or (gpt2 and name in ONE_TOKEN_GPT2)
+    return (ONE_TOKEN, ONE_TOKEN_UNRELATED) if one_token else (EDITS, UNRELATED)
 METHODS = sorted(registered())
 
 
@@ -214,7 +223,7 @@ def test_a_forgotten_edit_answers_as_the_base_model(name):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_gpt2_blocks_are_edited_too(name):
-    EDITS, UNRELATED = edits_for(name)  # noqa: N806
+    EDITS, UNRELATED = edits_for(name, gpt2=True)  # noqa: N806
     method = registered()[name].create(tiny_gpt2(), byte_tokenizer(), "tiny-gpt2", TINY_GPT2[name])
     assert all(r.learned for r in method.edit(EDITS))
     answers = method.answer([e.prompt for e in EDITS], max_new_tokens=6)

@@ -157,18 +157,18 @@ def test_answer_span_target_needs_a_subject_key():
 
 
 def test_replay_trains_earlier_learned_edits_beside_the_new_batch():
-    from elder.methods.elder.editing import _prepare, _replayed
+    from elder.methods.elder.editing import _prepare, _training_batch
 
     model = keyed(replay=2, batch_size=1)
     apply_edits(model, EDITS, progress=False)
     assert len(model.bank) == 2 and list(model.edit_log) == ["zq", "mw"]  # replayed rows store no second key
     model.edit_log["zq"]["learned"] = False  # an edit never learned would keep every later batch training
     item = _prepare(model, [EditRecord("nv", "The home of Nuvelt is", " Pra", subject="Nuvelt")])
-    fact_ids, batch = _replayed(model, item)
-    assert fact_ids == ["nv", "mw"] and _replayed(model, item)[0] == fact_ids  # drawn reproducibly
+    fact_ids, batch = _training_batch(model, item)
+    assert fact_ids == ["nv", "mw"] and _training_batch(model, item)[0] == fact_ids  # drawn reproducibly
     assert batch.input_ids.shape[0] == 2
     plain = keyed(batch_size=1)
-    assert _replayed(plain, item) == (item.fact_ids, item.batch)
+    assert _training_batch(plain, item) == (item.fact_ids, item.batch)
 
 
 def test_replay_needs_a_subject_key():

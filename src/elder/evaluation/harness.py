@@ -16,6 +16,7 @@ import os
 import platform
 import resource
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -209,6 +210,8 @@ def _run_method(name: str, settings: BenchSettings, folder: Path, base_folder: P
     else:
         method = cls.create(base, tokenizer, base_name, method_settings)
     try:
+        if not method.edited_ids:  # what the state weighs before any edit, for the bytes each edit adds
+            _cached(folder / "empty_state.json", lambda: {"bytes": _state_bytes(method)})
         clock.lap("loading")
         base_tokens = _cached(base_folder / "locality.json",
                               lambda: [list(t) for t in base_locality(method, test, bar("base locality"))])
@@ -226,7 +229,7 @@ def _run_method(name: str, settings: BenchSettings, folder: Path, base_folder: P
             result["generation"] = summarize_generation(
                 _generations(method, settings, folder, base_folder, test, scored, bar))
             clock.lap("generation_scoring")
-        result["cost"] = _cost(folder)
+        result["cost"] = _cost(folder, len(test))
         result["inference"] = _inference_time(method, test, settings.timing_prompts, progress=progress)
         clock.lap("inference_timing")
         if settings.general_data is not None:
@@ -373,11 +376,28 @@ def _locality_offsets(records: Sequence[EditRecord]) -> list[int]:
     return offsets
 
 
-def _cost(folder: Path) -> dict:
+def _state_bytes(method: EditingMethod) -> int:
+    """Bytes of the method's saved state as it is now (saved to a scratch folder, then removed)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        method.save(scratch)
+        return _folder_bytes(Path(scratch))
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _cost(folder: Path, edits: int) -> dict:
     lines = _read_lines(folder / "edits.jsonl")
     seconds = sorted(line["seconds"] for line in lines)
     iterations = [line["iterations"] for line in lines]
+    empty = json.loads((folder / "empty_state.json").read_text())["bytes"] if (folder / "empty_state.json").exists() \
+        else None
+    state = _folder_bytes(folder / "memory")
     return {
+        "state_bytes": state,
+        "state_bytes_before_edits": empty,
+        "bytes_per_edit": None if empty is None else (state - empty) / edits,
         "seconds_per_edit_median": statistics.median(seconds),
         "seconds_per_edit_p90": seconds[min(len(seconds) - 1, math.ceil(0.9 * len(seconds)) - 1)],
         "seconds_total": sum(seconds),

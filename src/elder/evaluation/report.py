@@ -23,6 +23,16 @@ def _ratio(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _bytes(value) -> str:
+    """A byte count in B, KB, MB or GB (powers of 1000)."""
+    if value is None:
+        return "n/a"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{value:.0f} B"
+
+
 def _mean_of(rows: list[dict], key: str) -> float | None:
     values = [row[key] for row in rows if row[key] is not None]
     return sum(values) / len(values) if values else None
@@ -60,13 +70,13 @@ def markdown(summary: dict, out_folder: Path) -> str:
              "(EasyEdit's rewrite_acc/rephrase_acc); Loc: agreement with the base model's tokens on the locality "
              "prompts, all of them and split by kind: unrelated (another topic) and neighbours (the edit's question "
              "about another subject); EM: every target token right (= greedy generation equals the target).", "",
-             "| method | Rel | Gen | Loc | Loc unrelated | Loc neighbours | Rel EM | Gen EM | memory used: edits / rephrases / unrelated / neighbours | retention (edited/base) | s/edit median (p90) | gen. time ratio: edits / unrelated |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | Rel | Gen | Loc | Loc unrelated | Loc neighbours | Rel EM | Gen EM | memory used: edits / rephrases / unrelated / neighbours | retention (edited/base) | s/edit median (p90) | bytes/edit | gen. time ratio: edits / unrelated |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     first = next(iter(summary["methods"].values()))
     u = first["unedited"]  # the same base model and records for every method
     lines.append(f"| base model, no edits | {_pct(u['rel'])} | {_pct(u['gen'])} | {_pct(u['loc'])} | "
                  f"{_pct(u.get('loc_unrelated'))} | {_pct(u.get('loc_neighbour'))} | "
-                 f"{_pct(u['rel_em'])} | {_pct(u['gen_em'])} | | | | |")
+                 f"{_pct(u['rel_em'])} | {_pct(u['gen_em'])} | | | | | |")
     for name, r in summary["methods"].items():
         f, c, inf = r["final"], r["cost"], r.get("inference", {})
         retention = r.get("general", {}).get("average", {}).get("ratio")
@@ -75,7 +85,7 @@ def markdown(summary: dict, out_folder: Path) -> str:
             f"| {name} | {_pct(f['rel'])} | {_pct(f['gen'])} | {_pct(f['loc'])} | {_pct(f.get('loc_unrelated'))} | "
             f"{_pct(f.get('loc_neighbour'))} | {_pct(f['rel_em'])} | {_pct(f['gen_em'])} | {used} | "
             f"{_ratio(retention)} | {c['seconds_per_edit_median']:.2f} ({c['seconds_per_edit_p90']:.2f}) | "
-            f"{_ratio(inf.get('edit_prompts', {}).get('ratio'))} / {_ratio(inf.get('unrelated_prompts', {}).get('ratio'))} |")
+            f"{_bytes(c.get('bytes_per_edit'))} | {_ratio(inf.get('edit_prompts', {}).get('ratio'))} / {_ratio(inf.get('unrelated_prompts', {}).get('ratio'))} |")
     generated = {name: r["generation"] for name, r in summary["methods"].items() if "generation" in r}
     if generated:
         lines += ["", f"Free greedy answers ({s.get('generation_tokens')} tokens): Rel/Gen is the % of answers to the "
@@ -94,7 +104,10 @@ def markdown(summary: dict, out_folder: Path) -> str:
                   f"Cost: {c['seconds_total']:.0f} s of edit training, iterations per batch median "
                   f"{c['iterations_median']:g} (mean {c['iterations_mean']:.1f}), "
                   f"{_pct(c['learned_when_trained'])}% learned when trained, peak RSS {c['peak_rss_mb']:.0f} MB"
-                  + (f", peak CUDA {c['peak_cuda_mb']:.0f} MB" if c["peak_cuda_mb"] else "") + "."]
+                  + (f", peak CUDA {c['peak_cuda_mb']:.0f} MB" if c["peak_cuda_mb"] else "") + "."
+                  + (f" Saved state: {_bytes(c['state_bytes'])} after the edits, {_bytes(c['state_bytes_before_edits'])}"
+                     f" before any ({_bytes(c['bytes_per_edit'])} added per edit)."
+                     if c.get("state_bytes_before_edits") is not None else "")]
         if "wall_seconds_this_invocation" in r:
             laps = r["wall_seconds_this_invocation"]
             lines.append("Wall time of the last invocation, by phase (a resumed run counts only what it redid): "

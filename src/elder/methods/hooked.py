@@ -179,7 +179,8 @@ class HookedMethod(EditingMethod):
         a crash at any point leaves the previous save whole."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self._tensors().items()}
+        tensors = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+                   for k, v in self._tensors().items()}  # floats as fp32; masks and indices keep their type
         blob = save(tensors)
         digest = hashlib.sha256(blob).hexdigest()
         name = f"{self.name}-{digest[:16]}.safetensors"

@@ -91,6 +91,12 @@ class ElderConfig(MethodConfig):
                           "the open block only (0: one pool that every edit shares, the paper); needs "
                           "deferral='subject_key'"},
     )
+    negatives: int = field(
+        default=0,
+        metadata={"help": "other questions about each edit's subject (the project's generic templates, none asking "
+                          "what the edit asks) trained beside it under its route to keep the base model's answers "
+                          "(0: none, the paper); needs deferral='subject_key'"},
+    )
     refresh_codes: bool = field(
         default=False,
         metadata={"help": "re-derive every stored code after each batch, so old edits' codes follow the routers"},
@@ -154,6 +160,11 @@ class ElderConfig(MethodConfig):
         if self.block_edits and self.deferral != "subject_key":
             raise ConfigError("block_edits needs deferral='subject_key' (an edit's route is then its preset, which "
                               "names its block); set block_edits=0")
+        if self.negatives < 0:  # its type, as every setting's, is checked above
+            raise ConfigError(f"negatives must be an integer >= 0, got {self.negatives!r}")
+        if self.negatives and self.deferral != "subject_key":
+            raise ConfigError("negatives needs deferral='subject_key' (a negative is routed as its edit, by the "
+                              "edit's preset); set negatives=0")
         if self.replay and self.deferral != "subject_key":
             raise ConfigError("replay needs deferral='subject_key' (an earlier edit's route is then its preset); "
                               "set replay=0")

@@ -15,6 +15,7 @@ from elder.data import EditRecord
 from elder.errors import NonFiniteLossError
 from elder.methods.base import EditResult, MethodError
 from elder.methods.elder.model import ElderModel
+from elder.methods.elder.negatives import ANSWER_TOKENS, negative_rows
 from elder.tokens import TeacherForced, teacher_forced
 
 SETTLE_STEPS = 200  # router-only steps before the experts train (settle_routes); each costs well under a millisecond
@@ -30,6 +31,8 @@ class _Prepared:
     subjects: list[str | None]  # one per training row: its edit's subject
     targets: list[str]  # one per training row
     batch: TeacherForced
+    negatives: list[tuple[str, str, str]]  # (edit id, prompt, base answer) of each negative (config.negatives)
+    negative_ids: torch.Tensor | None  # the base model's argmax at each negative's answer positions: their targets
 
 
 def training_rows(record: EditRecord, paraphrase_split: float) -> list[str]:
@@ -71,39 +74,59 @@ def _prepare(model: ElderModel, records: list[EditRecord]) -> _Prepared:
             subjects.append(record.subject)
     batch = teacher_forced(model.tokenizer, prompts, targets, model.context_limit, model.config.max_target_tokens,
                            model.input_device)
-    return _Prepared(records, fact_ids, prompts, subjects, targets, batch)
+    negatives = negative_rows(records, model.config.negatives, lambda texts: [
+        a.text for a in model.generate(texts, ANSWER_TOKENS, use_memory=False)])
+    negative_ids = None
+    if negatives:  # the argmax, not the answer's tokens: its text may tokenise otherwise after the prompt
+        forced = teacher_forced(model.tokenizer, [p for _, p, _ in negatives], [a for _, _, a in negatives],
+                                model.context_limit, model.config.max_target_tokens, model.input_device)
+        with torch.no_grad():
+            negative_ids = model.target_logits(forced, defer=False, use_memory=False)[0].argmax(-1)
+    return _Prepared(records, fact_ids, prompts, subjects, targets, batch, negatives, negative_ids)
 
 
-def _replayed(model: ElderModel, item: _Prepared) -> tuple[list[str], TeacherForced]:
-    """The batch's training rows plus those of `replay` earlier edits drawn at random (reproducibly, anew for each
-    batch), and their fact ids: training them again keeps the experts they share with the new edits on their
-    answers."""
-    if model.config.replay == 0:
+def _training_batch(model: ElderModel, item: _Prepared) -> tuple[list[str], TeacherForced]:
+    """The rows one batch trains, and their fact ids: the batch's own rows; then those of `replay` earlier edits
+    drawn at random (reproducibly, anew for each batch), which keeps the experts they share with the new edits on
+    their answers; then the batch's negatives, routed as their edits, which keep other questions about the edited
+    subjects on the base model's answers."""
+    picked = _replay_picks(model)
+    if not picked and not item.negatives:
         return item.fact_ids, item.batch
-    # edits that never stopped would never let a batch stop; frozen blocks are not trained (block_edits)
-    held = model.open_block_edits() if model.config.block_edits else model.edit_log
-    earlier = [edit_id for edit_id in held if model.edit_log[edit_id]["learned"]]
-    count = min(model.config.replay, len(earlier))
-    if count == 0:
-        return item.fact_ids, item.batch
-    generator = torch.Generator().manual_seed(model.config.seed * 1_000_003 + len(earlier))
-    picked = [earlier[i] for i in torch.randperm(len(earlier), generator=generator)[:count].sort().values.tolist()]
     fact_ids, prompts, targets = list(item.fact_ids), list(item.prompts), list(item.targets)
     for edit_id in picked:
         record = model.edit_log[edit_id]["record"]
         for prompt in training_rows(EditRecord.from_dict(record, f"edit {edit_id}"), model.config.paraphrase_split):
             fact_ids.append(edit_id), prompts.append(prompt), targets.append(record["target"])
+    for edit_id, prompt, answer in item.negatives:
+        fact_ids.append(edit_id), prompts.append(prompt), targets.append(answer)
     batch = teacher_forced(model.tokenizer, prompts, targets, model.context_limit, model.config.max_target_tokens,
                            model.input_device)
+    if item.negative_ids is not None:  # the negatives are the last rows, their target tokens the last ones
+        batch.target_ids[-len(item.negative_ids):] = item.negative_ids.to(batch.target_ids.device)
     return fact_ids, batch
+
+
+def _replay_picks(model: ElderModel) -> list[str]:
+    """The earlier edits replayed beside a new batch (none without `replay`)."""
+    if model.config.replay == 0:
+        return []
+    # edits that never stopped would never let a batch stop; frozen blocks are not trained (block_edits)
+    held = model.open_block_edits() if model.config.block_edits else model.edit_log
+    earlier = [edit_id for edit_id in held if model.edit_log[edit_id]["learned"]]
+    count = min(model.config.replay, len(earlier))
+    if count == 0:
+        return []
+    generator = torch.Generator().manual_seed(model.config.seed * 1_000_003 + len(earlier))
+    return [earlier[i] for i in torch.randperm(len(earlier), generator=generator)[:count].sort().values.tolist()]
 
 
 def _train_batch(model: ElderModel, item: _Prepared) -> list[EditResult]:
     cfg = model.config
     start = time.perf_counter()
     model.make_room(len(item.records))  # block_edits: a full open block is frozen, these edits go to a fresh one
-    fact_ids, batch = _replayed(model, item)
-    new = batch.rows < len(item.fact_ids)  # target tokens of the batch's own edits (the rest are replayed)
+    fact_ids, batch = _training_batch(model, item)
+    new = batch.rows < len(item.fact_ids)  # target tokens of the batch's own edits (then replayed ones, negatives)
     presets = torch.stack([model.preset_for(fid) for fid in fact_ids]).to(model.query_device)
     snapshot = {k: v.detach().clone() for k, v in model.adapters.state_dict().items()}
     routers = [p for a in model.adapters for p in a.router.parameters()]
