@@ -8,7 +8,15 @@ import torch
 from conftest import byte_tokenizer, tiny_gpt2, tiny_llama
 
 from elder import EditRecord, ElderError, InputError
-from elder.methods import EditingMethod, Forgets, MethodError, TunesThreshold, method_of_folder, registered
+from elder.methods import (
+    EditingMethod,
+    EditsInContext,
+    Forgets,
+    MethodError,
+    TunesThreshold,
+    method_of_folder,
+    registered,
+)
 from elder.settings import ConfigError
 
 # Settings with which each method learns a tiny model's edits quickly. Every registered method needs an entry:
@@ -20,6 +28,7 @@ TINY = {
     "lora": {"lr": 2e-2, "steps": 200, "stop_loss": 1e-3, "batch_size": 2},
     "grace": {"layer": 2, "radius": 1e-4, "lr": 0.5, "steps": 200, "stop_loss": 1e-3},
     "memoir": {"layer": 5, "active": 6, "lr": 5e-2, "steps": 200, "stop_loss": 1e-3, "threshold": 0.9},
+    "retrieve": {"threshold": 0.99},
 }
 # The same, for GPT-2-shaped blocks (4 layers).
 TINY_GPT2 = {
@@ -28,6 +37,7 @@ TINY_GPT2 = {
     "lora": {**TINY["lora"], "modules": ("mlp.c_fc",)},  # the tiny GPT-2's c_attn alone learns too slowly
     "grace": {**TINY["grace"], "layer": 1},
     "memoir": {**TINY["memoir"], "layer": 2, "active": 6},
+    "retrieve": TINY["retrieve"],
 }
 
 EDITS = [EditRecord("zq", "Where does Zorbulaq live? In", " Quem", subject="Zorbulaq"),
@@ -75,6 +85,13 @@ def base_answer(base, prompt: str, tokens: int) -> str:
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+def skip_in_context(method: EditingMethod) -> None:
+    """A method that puts edits in the prompt cannot make a random model answer them (tests/test_retrieve.py
+    checks it on what it does instead: the base model's answer to the prompt with the edit before it)."""
+    if isinstance(method, EditsInContext):
+        pytest.skip(f"{method.name} edits in context: a random model does not read its context")
+
+
 def test_every_method_has_tiny_settings():
     assert set(TINY) == set(registered()) == set(TINY_GPT2)
 
@@ -83,6 +100,7 @@ def test_every_method_has_tiny_settings():
 def test_edits_are_learned_and_answered(name):
     EDITS, UNRELATED = edits_for(name)  # noqa: N806
     method = create(name)
+    skip_in_context(method)
     results = method.edit(EDITS)
     assert [r.id for r in results] == [e.id for e in EDITS] and all(r.learned for r in results)
     assert method.edited_ids == [e.id for e in EDITS]
@@ -211,6 +229,7 @@ def test_a_forgotten_edit_answers_as_the_base_model(name):
     method = create(name)
     if not isinstance(method, Forgets):
         pytest.skip(f"{name} cannot forget an edit")
+    skip_in_context(method)
     method.edit(EDITS)
     method.forget("zq")
     assert method.edited_ids == ["mw"]
@@ -225,6 +244,7 @@ def test_a_forgotten_edit_answers_as_the_base_model(name):
 def test_gpt2_blocks_are_edited_too(name):
     EDITS, UNRELATED = edits_for(name, gpt2=True)  # noqa: N806
     method = registered()[name].create(tiny_gpt2(), byte_tokenizer(), "tiny-gpt2", TINY_GPT2[name])
+    skip_in_context(method)
     assert all(r.learned for r in method.edit(EDITS))
     answers = method.answer([e.prompt for e in EDITS], max_new_tokens=6)
     assert [a.text[:len(e.target)] for a, e in zip(answers, EDITS)] == [e.target for e in EDITS]

@@ -14,7 +14,16 @@ from collections.abc import Mapping
 from importlib.metadata import entry_points
 from types import MappingProxyType
 
-from elder.methods.base import Answer, EditingMethod, EditResult, Forgets, MethodError, TokenPrediction, TunesThreshold
+from elder.methods.base import (
+    Answer,
+    EditingMethod,
+    EditResult,
+    EditsInContext,
+    Forgets,
+    MethodError,
+    TokenPrediction,
+    TunesThreshold,
+)
 
 ENTRY_POINT_GROUP = "elder.methods"
 
@@ -57,5 +66,5 @@ def method_of_folder(folder: str | os.PathLike) -> type[EditingMethod]:
     return matches[0]
 
 
-__all__ = ["Answer", "EditResult", "EditingMethod", "Forgets", "MethodError", "TokenPrediction", "TunesThreshold",
+__all__ = ["Answer", "EditResult", "EditingMethod", "EditsInContext", "Forgets", "MethodError", "TokenPrediction", "TunesThreshold",
            "get_method", "method_of_folder", "registered"]

@@ -168,6 +168,12 @@ class TunesThreshold(ABC):
         would with that threshold; cheap after the first (the model runs once)."""
 
 
+class EditsInContext(ABC):
+    """A trait: the method trains nothing and puts a matched edit in the prompt, so its edits take only on a model
+    that reads its context (a language model, not a tiny random one); `EditResult.learned` says whether the base
+    model gave the target with the edit before the prompt."""
+
+
 class Forgets(ABC):
     """An ability: a held edit can be removed by id, and the method then answers as if it had never been made."""
 

@@ -119,6 +119,9 @@ class HookedMethod(EditingMethod):
     def _load_extra(self, extra: dict) -> None:
         """Restore `_extra_state()` output."""
 
+    def _check_loaded(self) -> None:
+        """Raise a StateFormatError when the restored state disagrees with itself (default: nothing to check)."""
+
     def _fits(self, tensors: dict[str, torch.Tensor]) -> bool:
         """Whether saved tensors fit this editor (default: the same names and shapes as its own)."""
         expected = {k: tuple(v.shape) for k, v in self._tensors().items()}
@@ -236,6 +239,7 @@ class HookedMethod(EditingMethod):
             editor._load_extra(state.get("extra", {}))
             editor.records = {k: EditRecord.from_dict(v, f"{folder} edit {k}").to_dict()
                               for k, v in state["edits"].items()}
+            editor._check_loaded()
         except BaseException:
             editor.close()
             raise

@@ -20,23 +20,6 @@ import re
 
 import torch
 
-# Neutral sentences whose mean token state centres the keys: raw hidden states share a large common direction (and
-# a few massive activations) that would make every pair of tokens look alike.
-CENTERING_TEXT = (
-    "The weather was mild for most of the week.",
-    "She opened the window and looked at the street below.",
-    "Numbers can be added, subtracted, multiplied and divided.",
-    "A small boat drifted slowly along the river.",
-    "He said that the meeting would start after lunch.",
-    "Most people drink water several times a day.",
-    "The book on the table has a red cover.",
-    "They walked home together when the film ended.",
-    "Music was playing quietly in the next room.",
-    "The price of bread rose again this year.",
-    "Children learn to read at different ages.",
-    "What time does the last train leave tonight?",
-)
-
 # Text every key read starts with (after BOS, else EOS), so that a subject at the start of a prompt is read mid-text,
 # as it is in most prompts, rather than at the first positions, where hidden states behave unlike anywhere else.
 # With key_spaced the text read follows "Note." after one space (key_reading); without, "Note.\n" as it is.

@@ -20,6 +20,7 @@ from elder.methods.base import EditResult, Forgets, MethodError, TokenPrediction
 from elder.methods.hooked import HookedMethod, StateFormatError, Use
 from elder.methods.memoir.config import ACTIVE_FRACTION, MemoirConfig
 from elder.modules import ffn_output_path, get_module, linear_shape
+from elder.neutral import CENTERING_TEXT
 from elder.settings import ConfigError
 from elder.tokens import context_limit, encode_prompt, target_argmax, teacher_forced
 
@@ -54,6 +55,8 @@ class MemoirMethod(HookedMethod, TunesThreshold, Forgets):
         self.masks = torch.zeros(0, self.in_size, dtype=torch.bool, device=self.device)  # one per stored edit
         self.mask_edits: list[str] = []  # the edit of each stored mask
         self._call: dict | None = None  # the call the hook serves: its prompts' lengths, switches, what it saw
+        self.background = torch.zeros(self.in_size, device=self.device)
+        self.background = self._background()
 
     # --- the hook ----------------------------------------------------------------------------------
 
@@ -74,12 +77,15 @@ class MemoirMethod(HookedMethod, TunesThreshold, Forgets):
         return output + residual.to(output.dtype)
 
     def _tophash(self, x: torch.Tensor, lengths: torch.Tensor, left_padded: bool) -> torch.Tensor:
-        """(rows, d_in) masks: the top-k features of each row's mean activation over its prompt, permuted."""
+        """(rows, d_in) masks: the top-k features of each row's mean activation over its prompt, less the
+        background (the authors' `mean_decentered`), permuted."""
         positions = torch.arange(x.shape[1], device=x.device)[None, :]
         lengths = lengths.to(x.device)[:, None]
         keep = positions >= x.shape[1] - lengths if left_padded else positions < lengths
         mean = (x.float() * keep[..., None]).sum(1) / lengths
-        top = mean.abs().topk(self.active, dim=-1).indices
+        if self._call is not None:
+            self._call["means"] = mean
+        top = (mean - self.background.to(x.device)).abs().topk(self.active, dim=-1).indices
         hashed = self.permutation.to(x.device)[top]
         return torch.zeros(x.shape[0], self.in_size, dtype=torch.bool, device=x.device).scatter_(1, hashed, True)
 
@@ -93,6 +99,18 @@ class MemoirMethod(HookedMethod, TunesThreshold, Forgets):
         overlap, nearest = shared.max(-1)
         on = torch.ones_like(overlap, dtype=torch.bool) if call["forced"] else overlap >= self.cfg.threshold
         return on, overlap.tolist(), nearest.tolist()
+
+    @torch.no_grad()
+    def _background(self) -> torch.Tensor:
+        """The layer's mean input over neutral text (the project's, as the authors average irrelevant samples):
+        what every prompt shares, taken off before the top-k."""
+        texts = list(CENTERING_TEXT)
+        batch = teacher_forced(self.tokenizer, texts, [" ."] * len(texts), context_limit(self.base), 1,
+                               input_device(self.base))
+        with self._edits(texts, use_edits=False):
+            self.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            means = self._call["means"]
+        return means.mean(0).to(self.device)
 
     @contextmanager
     def _edits(self, prompts: Sequence[str], use_edits: bool, training: bool = False, generating: bool = False,
@@ -202,6 +220,10 @@ class MemoirMethod(HookedMethod, TunesThreshold, Forgets):
         if not isinstance(mask_edits, list) or len(mask_edits) != len(self.masks):
             raise StateFormatError("the MEMOIR masks do not match their edit ids")
         self.mask_edits = [str(e) for e in mask_edits]
+
+    def _check_loaded(self) -> None:
+        if set(self.mask_edits) != set(self.records):
+            raise StateFormatError("the MEMOIR masks and the edit log name different edits")
 
     def close(self) -> nn.Module:
         """Take the hook out and give back the base model."""
