@@ -29,6 +29,7 @@ TINY = {
     "grace": {"layer": 2, "radius": 1e-4, "lr": 0.5, "steps": 200, "stop_loss": 1e-3},
     "memoir": {"layer": 5, "active": 6, "lr": 5e-2, "steps": 200, "stop_loss": 1e-3, "threshold": 0.9},
     "retrieve": {"threshold": 0.99},
+    "melo": {"radius": 1e-3, "rank": 4, "alpha": 4.0, "lr": 5e-2, "steps": 200, "stop_loss": 1e-3, "batch_size": 2},
 }
 # The same, for GPT-2-shaped blocks (4 layers).
 TINY_GPT2 = {
@@ -38,6 +39,7 @@ TINY_GPT2 = {
     "grace": {**TINY["grace"], "layer": 1},
     "memoir": {**TINY["memoir"], "layer": 2, "active": 6},
     "retrieve": TINY["retrieve"],
+    "melo": {**TINY["melo"], "first_layer": 2},
 }
 
 EDITS = [EditRecord("zq", "Where does Zorbulaq live? In", " Quem", subject="Zorbulaq"),

@@ -27,7 +27,8 @@ from elder.methods.base import TokenPrediction
 from elder.models import load_base
 
 # EasyEdit's alg_name values and elder's methods of the same algorithm
-ALGORITHMS = {"ELDER": "elder", "FT": "ft", "FT-L": "ft", "LORA": "lora", "GRACE": "grace", "MEMOIR": "memoir"}
+ALGORITHMS = {"ELDER": "elder", "FT": "ft", "FT-L": "ft", "LORA": "lora", "GRACE": "grace", "MELO": "melo",
+              "MEMOIR": "memoir"}
 
 
 class BaseEditor:
