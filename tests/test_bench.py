@@ -70,6 +70,19 @@ def test_locality_is_split_by_probe_kind():
     assert summarize([score])["loc_neighbour"] == 0.5
 
 
+def test_neighbours_naming_an_edited_subject_are_scored_apart():
+    table = {"Ann likes": ((1,), (1,), True), "Bob likes": ((1,), (1,), True), "Cy likes": ((5,), (5,), False)}
+    predict = lambda prompts, targets: [TokenPrediction(*table[p]) for p in prompts]  # noqa: E731
+    records = [EditRecord("a", "Ann likes", "x", (), (LocalityProbe("Bob likes", "y", "neighbour"),), subject="Ann"),
+               EditRecord("b", "Bob likes", "x", (), (LocalityProbe("Cy likes", "y", "neighbour"),), subject="Bob")]
+    base = [(2,), (5,)]  # "Bob likes" names edit b's subject and changed; "Cy likes" names none and did not
+    first, second = score_edits(predict, records, lambda r: (), base, progress=None)
+    assert (first.loc_neighbour_named, first.loc_neighbour_unnamed, first.loc_neighbour) == (0.0, None, 0.0)
+    assert (second.loc_neighbour_named, second.loc_neighbour_unnamed) == (None, 1.0)
+    summary = summarize([first, second])
+    assert (summary["loc_neighbour_named"], summary["loc_neighbour_unnamed"], summary["loc_neighbour"]) == (0.0, 1.0, 0.5)
+
+
 def test_made_neighbours_ask_the_question_about_a_subject_outside_the_stream():
     stream = [EditRecord("a", "Who founded Acme?", "Bob", subject="Acme"),
               EditRecord("b", "Who founded Zeta?", "Al", subject="Zeta"),

@@ -47,6 +47,8 @@ class EditScore:
     loc_neighbour: float | None = None
     used_unrelated: float | None = None
     used_neighbour: float | None = None
+    loc_neighbour_named: float | None = None  # neighbours that name the subject of an edit among the scored ones
+    loc_neighbour_unnamed: float | None = None  # neighbours that name none
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -54,7 +56,8 @@ class EditScore:
 
 
 METRICS = ("rel", "rel_em", "gen", "gen_em", "loc", "used_prompt", "used_rephrase", "used_locality",
-           "loc_unrelated", "loc_neighbour", "used_unrelated", "used_neighbour")
+           "loc_unrelated", "loc_neighbour", "used_unrelated", "used_neighbour", "loc_neighbour_named",
+           "loc_neighbour_unnamed")
 SCORE_CHUNK = 512  # rows per predict call: the unit of the progress bar
 
 
@@ -99,12 +102,14 @@ def score_edits(predict: Predict, records: Sequence[EditRecord], rephrases: Reph
     for (i, kind), prediction in zip(owners, predictions):
         grouped[i][kind].append(prediction)
     base = iter(base_tokens)
+    names = edited_subjects(records)
     scores = []
     for record, group in zip(records, grouped):
-        kinds = [p.kind for p in record.locality if p.answer is not None]  # the order of group["locality"]
+        probes = [p for p in record.locality if p.answer is not None]  # the order of group["locality"]
+        kinds = [p.kind if p.kind != "neighbour" else "named" if names(p.prompt) else "unnamed" for p in probes]
         agreement = [_agreement(p.predicted, next(base)) for p in group["locality"]]
         (edit,) = group["prompt"]
-        of = lambda values, kind: [v for v, k in zip(values, kinds) if k == kind]  # noqa: E731
+        of = lambda values, *wanted: [v for v, k in zip(values, kinds) if k in wanted]  # noqa: E731
         scores.append(EditScore(
             id=record.id,
             rel=edit.accuracy,
@@ -116,14 +121,27 @@ def score_edits(predict: Predict, records: Sequence[EditRecord], rephrases: Reph
             used_rephrase=_used(group["rephrase"]),
             used_locality=_used(group["locality"]),
             loc_unrelated=_mean(of(agreement, "unrelated")),
-            loc_neighbour=_mean(of(agreement, "neighbour")),
+            loc_neighbour=_mean(of(agreement, "named", "unnamed")),
             used_unrelated=_used(of(group["locality"], "unrelated")),
-            used_neighbour=_used(of(group["locality"], "neighbour")),
+            used_neighbour=_used(of(group["locality"], "named", "unnamed")),
+            loc_neighbour_named=_mean(of(agreement, "named")),
+            loc_neighbour_unnamed=_mean(of(agreement, "unnamed")),
         ))
     leftover = next(base, None)
     if leftover is not None:
         raise ValueError("base_tokens has more rows than the records' locality probes")
     return scores
+
+
+def edited_subjects(records: Sequence[EditRecord]) -> Callable[[str], bool]:
+    """Whether a text names the subject of one of these edits (as written): a subject-keyed memory lets such a
+    neighbour in, and one that asks the edited fact itself should change (CounterFact's neighbours of a long
+    stream hold some, benchmarks/conflicts.py)."""
+    subjects = sorted({r.subject for r in records if r.subject}, key=len, reverse=True)
+    if not subjects:
+        return lambda text: False
+    pattern = re.compile("|".join(map(re.escape, subjects)))
+    return lambda text: pattern.search(text) is not None
 
 
 def summarize(scores: Sequence[EditScore | GenerationScore],

@@ -86,6 +86,14 @@ def markdown(summary: dict, out_folder: Path) -> str:
             f"{_pct(f.get('loc_neighbour'))} | {_pct(f['rel_em'])} | {_pct(f['gen_em'])} | {used} | "
             f"{_ratio(retention)} | {c['seconds_per_edit_median']:.2f} ({c['seconds_per_edit_p90']:.2f}) | "
             f"{_bytes(c.get('bytes_per_edit'))} | {_ratio(inf.get('edit_prompts', {}).get('ratio'))} / {_ratio(inf.get('unrelated_prompts', {}).get('ratio'))} |")
+    split = [(name, r["final"]) for name, r in summary["methods"].items()
+             if r["final"].get("loc_neighbour_named") is not None]
+    if split:
+        lines += ["", "Loc on neighbours that name the subject of an edit in the stream (a subject-keyed memory lets "
+                  "them in; some ask the edited fact itself, where a kept edit must change the answer: "
+                  "benchmarks/conflicts.py) and on the others: "
+                  + "; ".join(f"{name} {_pct(f['loc_neighbour_named'])} / {_pct(f.get('loc_neighbour_unnamed'))}"
+                              for name, f in split) + "."]
     generated = {name: r["generation"] for name, r in summary["methods"].items() if "generation" in r}
     if generated:
         lines += ["", f"Free greedy answers ({s.get('generation_tokens')} tokens): Rel/Gen is the % of answers to the "
