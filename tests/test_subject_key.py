@@ -11,8 +11,9 @@ from conftest import byte_tokenizer, small_config, tiny_llama
 from elder import EditRecord, ElderModel, apply_edits, load_memory, save_memory
 from elder.methods.elder import ElderMethod
 from elder.methods.elder.codebank import CodeBank
-from elder.methods.elder.keys import guess_subject, key_reading, subject_tokens
+from elder.methods.elder.keys import key_reading
 from elder.settings import ConfigError
+from elder.subjects import guess_subject, subject_tokens
 
 EDITS = [EditRecord("zq", "Where does Zorbulaq live? In", " Quem", subject="Zorbulaq"),
          EditRecord("mw", "The colour of Mirtavej is", " wox", subject="Mirtavej")]

@@ -14,12 +14,13 @@ from torch import nn
 from elder.methods.base import Answer, MethodError
 from elder.methods.elder.codebank import CodeBank
 from elder.methods.elder.config import ElderConfig
-from elder.methods.elder.keys import key_reading, normalise, subject_tokens
+from elder.methods.elder.keys import key_reading, normalise
 from elder.methods.elder.layer import MixtureOfLoRA
 from elder.methods.elder.targets import resolve_targets
 from elder.modules import Replay, StopForward, device_of, get_module, linear_shape, num_hidden_layers
 from elder.neutral import CENTERING_TEXT
 from elder.settings import ConfigError
+from elder.subjects import subject_tokens
 from elder.tokens import TeacherForced, context_limit, encode_prompt, encode_target, pad_id, pad_rows, prompt_batch
 
 

@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Sequence
 
 from elder.data import EditRecord
-from elder.methods.elder.keys import guess_subject
+from elder.subjects import guess_subject
 
 # Questions most facts about a person, a place, an organisation or a work do not share with each other.
 TEMPLATES = (
