@@ -30,6 +30,8 @@ TINY = {
     "memoir": {"layer": 5, "active": 6, "lr": 5e-2, "steps": 200, "stop_loss": 1e-3, "threshold": 0.9},
     "retrieve": {"threshold": 0.99},
     "melo": {"radius": 1e-3, "rank": 4, "alpha": 4.0, "lr": 5e-2, "steps": 200, "stop_loss": 1e-3, "batch_size": 2},
+    "alphaedit": {"first_layer": 1, "num_layers": 3, "stats_tokens": 400, "v_steps": 100, "v_lr": 0.5, "fact_token": "last",
+                  "clamp_norm_factor": 4.0, "v_weight_decay": 1e-3, "l2": 1e-6, "nullspace_threshold": 1e-3},
 }
 # The same, for GPT-2-shaped blocks (4 layers).
 TINY_GPT2 = {
@@ -40,6 +42,7 @@ TINY_GPT2 = {
     "memoir": {**TINY["memoir"], "layer": 2, "active": 6},
     "retrieve": TINY["retrieve"],
     "melo": {**TINY["melo"], "first_layer": 2},
+    "alphaedit": {**TINY["alphaedit"], "first_layer": 0},
 }
 
 EDITS = [EditRecord("zq", "Where does Zorbulaq live? In", " Quem", subject="Zorbulaq"),
@@ -59,8 +62,12 @@ ONE_TOKEN_UNRELATED = ["Where does Pennimore live? In ", "The colour of Habrosk 
 ONE_TOKEN_GPT2 = ("grace", "memoir")
 
 
+# AlphaEdit adds its vector at one position too (the prompt's last token in this suite, fact_token='last').
+ONE_TOKEN_ALWAYS = ("grace", "alphaedit")
+
+
 def edits_for(name: str, gpt2: bool = False) -> tuple[list[EditRecord], list[str]]:
-    one_token = name == "grace" or (gpt2 and name in ONE_TOKEN_GPT2)
+    one_token = name in ONE_TOKEN_ALWAYS or (gpt2 and name in ONE_TOKEN_GPT2)
     return (ONE_TOKEN, ONE_TOKEN_UNRELATED) if one_token else (EDITS, UNRELATED)
 METHODS = sorted(registered())
 
@@ -85,6 +92,12 @@ def base_answer(base, prompt: str, tokens: int) -> str:
         out = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
                             pad_token_id=256)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Caches a method writes (AlphaEdit's key statistics) go to a folder of this test session, not the user's."""
+    monkeypatch.setenv("ELDER_CACHE", str(tmp_path_factory.getbasetemp() / "elder-cache"))
 
 
 def skip_in_context(method: EditingMethod) -> None:

@@ -28,7 +28,7 @@ from elder.models import load_base
 
 # EasyEdit's alg_name values and elder's methods of the same algorithm
 ALGORITHMS = {"ELDER": "elder", "FT": "ft", "FT-L": "ft", "LORA": "lora", "GRACE": "grace", "MELO": "melo",
-              "MEMOIR": "memoir"}
+              "MEMOIR": "memoir", "ALPHAEDIT": "alphaedit"}
 
 
 class BaseEditor:

@@ -1,0 +1,295 @@
+"""AlphaEdit: for each edit, a target vector is optimised for the residual stream at the last edited layer, at the
+subject's last token (so that the prompt, also after a few neutral openings, gives the target; a KL term keeps
+"{subject} is a" as it was); then each edited FFN output linear in turn gets MEMIT's closed-form share of the
+change, projected onto the null space of preserved knowledge's keys:
+
+    dW_l = (P_l (K K^T + C_l) + lambda I)^-1 P_l K R_l^T
+
+K holds the edits' keys (the linear's input at the subject's last token, averaged over the openings), R_l the
+rest of the way to the target divided over the layers left, C_l the keys of earlier edits, and P_l projects onto
+the eigenvectors of the preserved keys' second moment whose eigenvalues fall below `nullspace_threshold`, so that
+an update leaves those keys' outputs unchanged. The preserved keys come from text the base model writes from
+neutral openings (`stats_tokens` tokens, seeded), computed once per model and cached under the elder cache
+folder. The updates are kept as additive deltas on the frozen linears (the base weights are never written); there
+is no deferral: every input goes through them."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from elder.data import EditRecord
+from elder.deltas import DenseDelta, OutputDeltas
+from elder.files import atomic_write
+from elder.forward import input_device, target_logits
+from elder.methods.alphaedit.config import AlphaEditConfig
+from elder.methods.base import EditResult
+from elder.methods.hooked import DeltaMethod
+from elder.models import cache_dir
+from elder.modules import FFN_OUTPUTS, block_module, decoder_layers_path, get_module, linear_shape, num_hidden_layers
+from elder.neutral import CENTERING_TEXT
+from elder.settings import ConfigError
+from elder.subjects import guess_subject, subject_tokens
+from elder.tokens import context_limit, pad_id, pad_rows, prompt_batch, teacher_forced
+
+BAND = 4 / 32  # the authors' LLaMA3-8B layers 4-8 of 32
+OPENINGS = 5  # neutral sentences put before the prompt when optimising the target vector and reading keys
+STATS_SEQUENCE = 128  # tokens each sampled text adds to the statistics
+STATS_BATCH_REPEAT = 4  # each neutral opening is sampled this many times per generate call
+
+
+class AlphaEditMethod(DeltaMethod):
+    """AlphaEdit: null-space-projected closed-form updates of a band of FFN output linears."""
+
+    name = "alphaedit"
+    config_class = AlphaEditConfig
+
+    def __init__(self, base: nn.Module, tokenizer, base_name: str, config: AlphaEditConfig) -> None:
+        depth, layers = num_hidden_layers(base), decoder_layers_path(base)
+        first = config.first_layer if config.first_layer is not None else round(BAND * depth)
+        if first + config.num_layers > depth:
+            raise ConfigError(f"layers {first}..{first + config.num_layers - 1} lie outside a model of {depth} layers")
+        paths = [block_module(base, layers, i, config.module, FFN_OUTPUTS)
+                 for i in range(first, first + config.num_layers)]
+        super().__init__(base, tokenizer, base_name, config)
+        try:
+            self.paths = paths
+            self.z_path = f"{layers}.{first + config.num_layers - 1}"
+            self.shapes = [linear_shape(get_module(base, p), p) for p in paths]
+            self.deltas = OutputDeltas(base, paths, lambda i, o: DenseDelta(i, o))
+            self.cache = [torch.zeros(d_in, d_in) for d_in, _ in self.shapes]  # C_l: earlier edits' keys, fp32
+            self.projections = [self._null_space(m) for m in self._preserved_moments()]
+        except BaseException:
+            if hasattr(self, "deltas"):
+                self.deltas.remove()
+            self._release()
+            raise
+
+    # --- preserved knowledge ------------------------------------------------------------------------
+
+    def _preserved_moments(self) -> list[torch.Tensor]:
+        """E[k k^T] of each edited linear's input over the made text, from the cache or computed and cached."""
+        digest = hashlib.sha256()
+        digest.update(f"{self.base_name}|{'|'.join(self.paths)}|{self.cfg.stats_tokens}".encode())
+        for path in self.paths:
+            digest.update(get_module(self.base, path).weight.detach().float().cpu().numpy().tobytes()[:1 << 20])
+        path = cache_dir() / "stats" / f"alphaedit-{digest.hexdigest()[:24]}.safetensors"
+        if path.is_file():
+            try:
+                saved = load_file(str(path))
+                moments = [saved[f"mom2.{i}"] for i in range(len(self.paths))]
+                if all(m.shape == (d, d) for m, (d, _) in zip(moments, self.shapes)):
+                    return moments
+            except Exception:  # a damaged cache file is recomputed and replaced
+                pass
+        moments = self._compute_moments()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: save_file({f"mom2.{i}": m.contiguous() for i, m in enumerate(moments)}, tmp))
+        return moments
+
+    @torch.no_grad()
+    def _compute_moments(self) -> list[torch.Tensor]:
+        """Sample text from the base model (seeded, from neutral openings) and average k k^T over its tokens."""
+        texts, tokens = [], 0
+        limit = context_limit(self.base)
+        openings = list(CENTERING_TEXT) * STATS_BATCH_REPEAT  # many rows per generate call: fewer sequential steps
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            while tokens < self.cfg.stats_tokens:
+                ids, mask = prompt_batch(self.tokenizer, openings, limit, input_device(self.base))
+                new = STATS_SEQUENCE if limit is None else max(1, min(STATS_SEQUENCE, limit - ids.shape[1]))
+                out = self.base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=True,
+                                         top_k=0, top_p=0.95, pad_token_id=pad_id(self.tokenizer))
+                written = out[:, ids.shape[1]:].cpu()
+                for opening, row_mask, more in zip(ids.cpu(), mask.cpu().bool(), written):
+                    kept = more[: int((more != pad_id(self.tokenizer)).cumprod(0).sum())]  # up to the first pad
+                    texts.append(opening[row_mask].tolist() + kept.tolist())
+                    tokens += len(texts[-1])
+        sums = [torch.zeros(d, d, dtype=torch.float64) for d, _ in self.shapes]
+        count = 0
+        handles = []
+        captured: dict[int, torch.Tensor] = {}
+        for index, path in enumerate(self.paths):
+            handles.append(get_module(self.base, path).register_forward_hook(
+                lambda m, args, out, index=index: captured.__setitem__(index, args[0].detach())))
+        try:
+            for lo in range(0, len(texts), 16):
+                ids, mask = pad_rows(texts[lo:lo + 16], pad_id(self.tokenizer), left=False)
+                self.base(input_ids=ids.to(input_device(self.base)),
+                          attention_mask=mask.to(input_device(self.base)), use_cache=False)
+                keep = mask.bool()
+                for index in range(len(self.paths)):
+                    keys = captured[index].cpu()[keep].double()
+                    sums[index] += keys.T @ keys
+                count += int(keep.sum())
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [(s / count).float() for s in sums]
+
+    def _null_space(self, moment: torch.Tensor) -> torch.Tensor:
+        """The projector onto the eigenvectors of `moment` with eigenvalues below the threshold."""
+        values, vectors = torch.linalg.eigh(moment.double())
+        small = vectors[:, values < self.cfg.nullspace_threshold]
+        return (small @ small.T).float()
+
+    # --- editing ------------------------------------------------------------------------------------
+
+    def edit(self, records: Sequence[EditRecord]) -> list[EditResult]:
+        """Each batch of `batch_size` edits: target vectors, then the layers' projected closed-form updates."""
+        self._check_new(records)
+        results = []
+        for lo in range(0, len(records), self.cfg.batch_size):
+            results += self._edit_batch(list(records[lo:lo + self.cfg.batch_size]))
+        return results
+
+    def _edit_batch(self, records: list[EditRecord]) -> list[EditResult]:
+        start = time.perf_counter()
+        subjects = [r.subject if r.subject and r.subject in r.prompt else guess_subject(r.prompt) for r in records]
+        with self.deltas.active(True), torch.no_grad():
+            targets = torch.stack([self._target_vector(r, s) for r, s in zip(records, subjects)], 1)  # (d, n)
+            count = len(self.paths)
+            for i, (path, projection) in enumerate(zip(self.paths, self.projections)):
+                (keys,) = self._keys(records, subjects, [path])  # (d_in, n)
+                current = self._states(records, subjects)  # (d, n)
+                resid = (targets - current) / (count - i)
+                eye = torch.eye(keys.shape[0])
+                update = torch.linalg.solve(projection @ (keys @ keys.T + self.cache[i]) + self.cfg.l2 * eye,
+                                            projection @ keys @ resid.T)  # (d_in, d_out)
+                weight = self.deltas.deltas[i].weight
+                weight += update.T.to(weight.device, weight.dtype)
+            for i, keys in enumerate(self._keys(records, subjects, self.paths)):  # the final keys, one forward
+                self.cache[i] += keys @ keys.T
+        for record in records:
+            self.records[record.id] = record.to_dict()
+        checks = self.predict([r.prompt for r in records], [r.target for r in records])
+        seconds = (time.perf_counter() - start) / len(records)
+        return [EditResult(r.id, seconds, self.cfg.v_steps, c.accuracy == 1.0) for r, c in zip(records, checks)]
+
+    def _texts(self, prompt: str) -> list[str]:
+        """The prompt alone and after each neutral opening (the authors' context templates)."""
+        return [prompt] + [f"{opening} {prompt}" for opening in CENTERING_TEXT[:OPENINGS]]
+
+    def _position(self, text: str, subject: str) -> int:
+        """Index in `tokenizer(text)` (special tokens included) of the subject's last token, or of the text's last
+        token under fact_token='last'."""
+        full = len(self.tokenizer(text).input_ids)
+        if self.cfg.fact_token == "last":
+            return full - 1
+        plain = len(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return full - plain + subject_tokens(self.tokenizer, text, subject, 1)[0]
+
+    def _read(self, texts: list[str], positions: list[int], paths: list[str]) -> list[torch.Tensor]:
+        """For each path, the (rows, d) inputs of its module at each row's position (as the model is now), from one
+        forward."""
+        captured: dict[int, torch.Tensor] = {}
+        handles = [get_module(self.base, path).register_forward_hook(
+            lambda m, args, out, i=i: captured.__setitem__(i, args[0])) for i, path in enumerate(paths)]
+        try:
+            ids = [self.tokenizer(t).input_ids for t in texts]
+            input_ids, mask = pad_rows(ids, pad_id(self.tokenizer), left=False)
+            self.base(input_ids=input_ids.to(input_device(self.base)),
+                      attention_mask=mask.to(input_device(self.base)), use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        out = []
+        for i in range(len(paths)):
+            x = captured[i]
+            rows = torch.arange(len(texts), device=x.device)
+            out.append(x[rows, torch.tensor(positions, device=x.device)].float().cpu())
+        return out
+
+    def _keys(self, records: list[EditRecord], subjects: list[str], paths: list[str]) -> list[torch.Tensor]:
+        """For each path, (d_in, n): each edit's key there, averaged over its texts."""
+        columns: list[list[torch.Tensor]] = [[] for _ in paths]
+        for record, subject in zip(records, subjects):
+            texts = self._texts(record.prompt)
+            read = self._read(texts, [self._position(t, subject) for t in texts], paths)
+            for i, states in enumerate(read):
+                columns[i].append(states.mean(0))
+        return [torch.stack(c, 1) for c in columns]
+
+    def _states(self, records: list[EditRecord], subjects: list[str]) -> torch.Tensor:
+        """(d, n): the residual stream after the last edited layer, at each edit prompt's subject token."""
+        columns = []
+        for record, subject in zip(records, subjects):
+            columns.append(self._layer_output(record.prompt, self._position(record.prompt, subject)))
+        return torch.stack(columns, 1)
+
+    def _layer_output(self, text: str, position: int) -> torch.Tensor:
+        captured = {}
+        layer = get_module(self.base, self.z_path)
+        handle = layer.register_forward_hook(lambda m, args, out: captured.__setitem__(
+            "h", out[0] if isinstance(out, tuple) else out))
+        try:
+            ids = torch.tensor([self.tokenizer(text).input_ids], device=input_device(self.base))
+            self.base(input_ids=ids, use_cache=False)
+        finally:
+            handle.remove()
+        return captured["h"][0, position].float().cpu()
+
+    def _target_vector(self, record: EditRecord, subject: str) -> torch.Tensor:
+        """The state the last edited layer should give at the subject's last token: the present one plus a
+        vector optimised so the prompt (alone and after each opening) gives the target."""
+        texts = self._texts(record.prompt)
+        essence = f"{subject} is a"
+        rows = texts + [essence]
+        batch = teacher_forced(self.tokenizer, rows, [record.target] * len(texts) + [" ."], context_limit(self.base),
+                               self.cfg.max_target_tokens, input_device(self.base))
+        positions = torch.tensor([self._position(t, subject) for t in rows])
+        current = self._layer_output(record.prompt, int(positions[0]))
+        delta = torch.zeros_like(current, requires_grad=True)
+        layer = get_module(self.base, self.z_path)
+
+        def add(module: nn.Module, args: tuple, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = hidden.clone()
+            rows_index = torch.arange(hidden.shape[0], device=hidden.device)
+            hidden[rows_index, positions.to(hidden.device)] += delta.to(hidden.device, hidden.dtype)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        essence_token = int((batch.rows == len(texts)).nonzero()[0])  # its first target position: next token
+        edit_tokens = batch.rows < len(texts)
+        reference = F.log_softmax(target_logits(self.base, batch)[essence_token].float(), -1)
+        optimizer = torch.optim.Adam([delta], lr=self.cfg.v_lr)
+        bound = self.cfg.clamp_norm_factor * current.norm()
+        handle = layer.register_forward_hook(add)
+        try:
+            with torch.enable_grad():
+                for _ in range(self.cfg.v_steps):
+                    logits = target_logits(self.base, batch).float()
+                    nll = F.cross_entropy(logits[edit_tokens.to(logits.device)],
+                                          batch.target_ids[edit_tokens].to(logits.device))
+                    kl = F.kl_div(F.log_softmax(logits[essence_token], -1), reference, log_target=True,
+                                  reduction="sum")
+                    loss = nll + self.cfg.kl_factor * kl + self.cfg.v_weight_decay * delta.norm() ** 2 / \
+                        current.norm() ** 2
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    with torch.no_grad():
+                        if delta.norm() > bound:
+                            delta.mul_(bound / delta.norm())
+        finally:
+            handle.remove()
+        return current + delta.detach()
+
+    # --- state --------------------------------------------------------------------------------------
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"delta.{i}": d.weight for i, d in enumerate(self.deltas.deltas)}
+        tensors.update({f"cache.{i}": c for i, c in enumerate(self.cache)})
+        return tensors
+
+    def _load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for i, delta in enumerate(self.deltas.deltas):
+                delta.weight.copy_(tensors[f"delta.{i}"])
+        self.cache = [tensors[f"cache.{i}"].float().cpu() for i in range(len(self.paths))]
