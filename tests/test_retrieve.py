@@ -36,7 +36,8 @@ def test_a_matched_prompt_is_answered_with_its_edit_before_it_and_others_run_unc
     method.edit(EDITS)
     answers = method.answer([EDITS[1].prompt, UNRELATED], 5)
     assert answers[0].used_memory and answers[0].edit_id == "mw" and answers[0].distance == pytest.approx(0, abs=1e-5)
-    assert answers[0].text == plain_answer("The colour of Mirtavej is wox.\nThe colour of Mirtavej is", 5)
+    augmented = "New Fact: The colour of Mirtavej is wox.\nPrompt: The colour of Mirtavej is"  # IKE's layout
+    assert answers[0].text == plain_answer(augmented, 5)
     assert not answers[1].used_memory and answers[1].text == plain_answer(UNRELATED, 5)
     (scored,) = method.predict([EDITS[1].prompt], [EDITS[1].target])
     assert scored.used_memory

@@ -22,7 +22,7 @@ from elder.methods.memoir.config import ACTIVE_FRACTION, MemoirConfig
 from elder.modules import ffn_output_path, get_module, linear_shape
 from elder.neutral import CENTERING_TEXT
 from elder.settings import ConfigError
-from elder.tokens import context_limit, encode_prompt, target_argmax, teacher_forced
+from elder.tokens import context_limit, encode_prompt, pad_id, pad_rows, target_argmax, teacher_forced
 
 BAND = 27 / 32  # the FFN output layer the paper's EasyEdit-based code edits in LLaMA-3-8B (27 of 32)
 THRESHOLDS = tuple(round(1.0 - 0.05 * i, 2) for i in range(20))  # --tune tries these, strictest first
@@ -105,10 +105,11 @@ class MemoirMethod(HookedMethod, TunesThreshold, Forgets):
         """The layer's mean input over neutral text (the project's, as the authors average irrelevant samples):
         what every prompt shares, taken off before the top-k."""
         texts = list(CENTERING_TEXT)
-        batch = teacher_forced(self.tokenizer, texts, [" ."] * len(texts), context_limit(self.base), 1,
-                               input_device(self.base))
+        ids = [encode_prompt(self.tokenizer, t, context_limit(self.base)) for t in texts]
+        input_ids, mask = pad_rows(ids, pad_id(self.tokenizer), left=False)
         with self._edits(texts, use_edits=False):
-            self.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            self.base(input_ids=input_ids.to(input_device(self.base)), attention_mask=mask.to(input_device(self.base)),
+                      use_cache=False)
             means = self._call["means"]
         return means.mean(0).to(self.device)
 
