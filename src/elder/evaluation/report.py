@@ -113,8 +113,8 @@ def markdown(summary: dict, out_folder: Path) -> str:
                   f"{c['iterations_median']:g} (mean {c['iterations_mean']:.1f}), "
                   f"{_pct(c['learned_when_trained'])}% learned when trained, peak RSS {c['peak_rss_mb']:.0f} MB"
                   + (f", peak CUDA {c['peak_cuda_mb']:.0f} MB" if c["peak_cuda_mb"] else "") + "."
-                  + (f" Saved state: {_bytes(c['state_bytes'])} after the edits, {_bytes(c['state_bytes_before_edits'])}"
-                     f" before any ({_bytes(c['bytes_per_edit'])} added per edit)."
+                  + (f" Saved state: {_bytes(c['state_bytes'])} after the edits, "
+                     f"{_bytes(c['state_bytes_before_edits'])} before any ({_bytes(c['bytes_per_edit'])} added per edit)."
                      if c.get("state_bytes_before_edits") is not None else "")]
         if "wall_seconds_this_invocation" in r:
             laps = r["wall_seconds_this_invocation"]

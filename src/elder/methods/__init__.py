@@ -66,5 +66,5 @@ def method_of_folder(folder: str | os.PathLike) -> type[EditingMethod]:
     return matches[0]
 
 
-__all__ = ["Answer", "EditResult", "EditingMethod", "EditsInContext", "Forgets", "MethodError", "TokenPrediction", "TunesThreshold",
-           "get_method", "method_of_folder", "registered"]
+__all__ = ["Answer", "EditResult", "EditingMethod", "EditsInContext", "Forgets", "MethodError", "TokenPrediction",
+           "TunesThreshold", "get_method", "method_of_folder", "registered"]
