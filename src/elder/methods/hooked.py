@@ -8,7 +8,7 @@ import json
 import os
 import time
 from abc import abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
@@ -36,12 +36,14 @@ class StateFormatError(ElderError, ValueError):
 
 
 class Use:
-    """Which rows of a call went through the edits (filled in by the method while the call runs)."""
+    """Which rows of a call went through the edits (filled in by the method while the call runs); `score` is the
+    measure a method's deferral threshold is compared with (GRACE's distance over radius, MEMOIR's mask overlap)."""
 
     def __init__(self, rows: int, used: bool) -> None:
         self.used = [used] * rows
         self.distance = [float("inf")] * rows
         self.edit_ids: list[str | None] = [None] * rows
+        self.score = [float("nan")] * rows
 
 
 class HookedMethod(EditingMethod):
@@ -164,6 +166,31 @@ class HookedMethod(EditingMethod):
                 texts = greedy(self.base, self.tokenizer, chunk, max_new_tokens)
             out += [Answer(p, t, u, d, e) for p, t, u, d, e in zip(chunk, texts, use.used, use.distance, use.edit_ids)]
         return out
+
+    def _sweep(self, values: Sequence[float], passes: Callable[[float, float], bool]):
+        """(value, predict) for each threshold value, each `predict` scoring as the method would with it: from one
+        pass with every row forced through its nearest stored edit (`_edits(..., forced=True)`, which fills
+        `use.score`) and one with none; a row takes the forced prediction when `passes(score, value)`."""
+        cache: dict = {}
+
+        def rows(prompts: Sequence[str], targets: Sequence[str]):
+            key = (tuple(prompts), tuple(targets))
+            if key not in cache:
+                forced, scores = [], []
+                for p, t in _chunks(prompts, targets):
+                    with self._edits(p, True, forced=True) as use:
+                        forced += [TokenPrediction(a, b, True) for batch, logits in
+                                   scored_batches(self.base, self.tokenizer, p, t) for a, b in target_argmax(batch, logits)]
+                    scores += use.score
+                cache[key] = (forced, scores, self.predict(prompts, targets, use_edits=False))
+            return cache[key]
+
+        for value in values:
+            def predict(prompts: Sequence[str], targets: Sequence[str], value: float = value):
+                forced, scores, base = rows(prompts, targets)
+                return [TokenPrediction(f.predicted, f.target, True) if passes(s, value)
+                        else TokenPrediction(b.predicted, b.target, False) for f, s, b in zip(forced, scores, base)]
+            yield value, predict
 
     # --- state ---------------------------------------------------------------------------------
 

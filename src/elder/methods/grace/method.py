@@ -13,12 +13,12 @@ from torch import nn
 
 from elder.data import EditRecord
 from elder.errors import NonFiniteLossError
-from elder.forward import input_device, scored_batches, train_targets
-from elder.methods.base import EditResult, Forgets, MethodError, TokenPrediction, TunesThreshold
+from elder.forward import input_device, train_targets
+from elder.methods.base import EditResult, Forgets, MethodError, TunesThreshold
 from elder.methods.grace.config import GraceConfig
 from elder.methods.hooked import HookedMethod, StateFormatError, Use
 from elder.modules import ffn_output_path, get_module, linear_shape
-from elder.tokens import context_limit, encode_prompt, target_argmax, teacher_forced
+from elder.tokens import context_limit, encode_prompt, teacher_forced
 
 BAND = 27 / 32  # EasyEdit edits layer 27 of LLaMA-7B's 32
 SCALES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)  # radius_scale values --tune tries, strictest first: a
@@ -93,7 +93,7 @@ class GraceMethod(HookedMethod, TunesThreshold, Forgets):
     def _edits(self, prompts: Sequence[str], use_edits: bool, training: bool = False, generating: bool = False,
                forced: bool = False) -> Iterator[Use]:
         use = Use(len(prompts), False)
-        use.ratio = [float("inf")] * len(prompts)  # distance over the nearest key's radius
+        use.score = [float("inf")] * len(prompts)  # distance over the nearest key's radius
         limit = context_limit(self.base)
         positions = None if generating else torch.tensor(
             [len(encode_prompt(self.tokenizer, p, limit)) - 1 for p in prompts])
@@ -106,7 +106,7 @@ class GraceMethod(HookedMethod, TunesThreshold, Forgets):
         if "used" in call:
             use.used, use.distance = call["used"], call["distance"]
             use.edit_ids = [self.key_edits[i][-1] if u else None for u, i in zip(call["used"], call["nearest"])]
-            use.ratio = call["ratio"]
+            use.score = call["ratio"]
 
     # --- editing ------------------------------------------------------------------------------------
 
@@ -197,27 +197,7 @@ class GraceMethod(HookedMethod, TunesThreshold, Forgets):
     def threshold_sweep(self):
         """(radius_scale, predict) for each of SCALES, strictest first, from one pass with every row sent to its
         nearest key and one with none."""
-        cache: dict = {}
-
-        def rows(prompts: Sequence[str], targets: Sequence[str]):
-            key = (tuple(prompts), tuple(targets))
-            if key not in cache:
-                forced, ratios = [], []
-                for lo in range(0, len(prompts), 16):
-                    p, t = list(prompts[lo:lo + 16]), list(targets[lo:lo + 16])
-                    with self._edits(p, True, forced=True) as use:
-                        forced += [TokenPrediction(a, b, True) for batch, logits in
-                                   scored_batches(self.base, self.tokenizer, p, t) for a, b in target_argmax(batch, logits)]
-                    ratios += use.ratio
-                cache[key] = (forced, ratios, self.predict(prompts, targets, use_edits=False))
-            return cache[key]
-
-        for scale in SCALES:
-            def predict(prompts: Sequence[str], targets: Sequence[str], scale: float = scale):
-                forced, ratios, base = rows(prompts, targets)
-                return [TokenPrediction(f.predicted, f.target, True) if r <= scale
-                        else TokenPrediction(b.predicted, b.target, False) for f, r, b in zip(forced, ratios, base)]
-            yield scale, predict
+        return self._sweep(SCALES, lambda ratio, scale: ratio <= scale)
 
     # --- state --------------------------------------------------------------------------------------
 

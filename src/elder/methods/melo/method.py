@@ -16,13 +16,13 @@ from torch import nn
 
 from elder.data import EditRecord
 from elder.errors import NonFiniteLossError
-from elder.forward import input_device, scored_batches, train_targets
-from elder.methods.base import EditResult, Forgets, MethodError, TokenPrediction, TunesThreshold
+from elder.forward import input_device, train_targets
+from elder.methods.base import EditResult, Forgets, MethodError, TunesThreshold
 from elder.methods.hooked import HookedMethod, StateFormatError, Use
 from elder.methods.melo.config import MeloConfig
 from elder.modules import block_module, decoder_layers_path, get_module, linear_shape, num_hidden_layers
 from elder.settings import ConfigError
-from elder.tokens import context_limit, encode_prompt, target_argmax, teacher_forced
+from elder.tokens import context_limit, encode_prompt, teacher_forced
 
 BAND = 36 / 48  # the authors' GPT2-XL blocks 36 and 37 of 48
 FFN_INPUTS = ("mlp.up_proj", "mlp.c_fc")  # the FFN's input linear in LLaMA-shaped and GPT-2-shaped blocks
@@ -116,7 +116,7 @@ class MeloMethod(HookedMethod, TunesThreshold, Forgets):
     def _edits(self, prompts: Sequence[str], use_edits: bool, training: bool = False, generating: bool = False,
                forced: bool = False, train_block: int | None = None) -> Iterator[Use]:
         use = Use(len(prompts), False)
-        use.ratio = [float("inf")] * len(prompts)
+        use.score = [float("inf")] * len(prompts)  # distance over the nearest key's radius
         limit = context_limit(self.base)
         lengths = torch.tensor([len(encode_prompt(self.tokenizer, p, limit)) for p in prompts])
         self._call = {"on": use_edits, "forced": forced, "lengths": lengths, "generating": generating,
@@ -127,7 +127,7 @@ class MeloMethod(HookedMethod, TunesThreshold, Forgets):
             call, self._call = self._call, None
         use.queries = call.get("queries")
         if "used" in call:
-            use.used, use.distance, use.ratio = call["used"], call["distance"], call["ratio"]
+            use.used, use.distance, use.score = call["used"], call["distance"], call["ratio"]
             use.edit_ids = [self.key_edits[i] if u else None for u, i in zip(call["used"], call["nearest"])]
 
     # --- editing ------------------------------------------------------------------------------------
@@ -212,27 +212,7 @@ class MeloMethod(HookedMethod, TunesThreshold, Forgets):
     def threshold_sweep(self):
         """(radius_scale, predict) for each of SCALES, strictest first, from one pass with every row sent to its
         nearest key's block and one with none."""
-        cache: dict = {}
-
-        def rows(prompts: Sequence[str], targets: Sequence[str]):
-            key = (tuple(prompts), tuple(targets))
-            if key not in cache:
-                forced, ratios = [], []
-                for lo in range(0, len(prompts), 16):
-                    p, t = list(prompts[lo:lo + 16]), list(targets[lo:lo + 16])
-                    with self._edits(p, True, forced=True) as use:
-                        forced += [TokenPrediction(a, b, True) for batch, logits in
-                                   scored_batches(self.base, self.tokenizer, p, t) for a, b in target_argmax(batch, logits)]
-                    ratios += use.ratio
-                cache[key] = (forced, ratios, self.predict(prompts, targets, use_edits=False))
-            return cache[key]
-
-        for scale in SCALES:
-            def predict(prompts: Sequence[str], targets: Sequence[str], scale: float = scale):
-                forced, ratios, base = rows(prompts, targets)
-                return [TokenPrediction(f.predicted, f.target, True) if r <= scale
-                        else TokenPrediction(b.predicted, b.target, False) for f, r, b in zip(forced, ratios, base)]
-            yield scale, predict
+        return self._sweep(SCALES, lambda ratio, scale: ratio <= scale)
 
     # --- state --------------------------------------------------------------------------------------
 

@@ -15,14 +15,14 @@ import torch
 from torch import nn
 
 from elder.data import EditRecord
-from elder.forward import input_device, scored_batches, train_targets
-from elder.methods.base import EditResult, Forgets, MethodError, TokenPrediction, TunesThreshold
+from elder.forward import input_device, train_targets
+from elder.methods.base import EditResult, Forgets, MethodError, TunesThreshold
 from elder.methods.hooked import HookedMethod, StateFormatError, Use
 from elder.methods.memoir.config import ACTIVE_FRACTION, MemoirConfig
 from elder.modules import ffn_output_path, get_module, linear_shape
 from elder.neutral import CENTERING_TEXT
 from elder.settings import ConfigError
-from elder.tokens import context_limit, encode_prompt, pad_id, pad_rows, target_argmax, teacher_forced
+from elder.tokens import context_limit, encode_prompt, pad_id, pad_rows, teacher_forced
 
 BAND = 27 / 32  # the FFN output layer the paper's EasyEdit-based code edits in LLaMA-3-8B (27 of 32)
 THRESHOLDS = tuple(round(1.0 - 0.05 * i, 2) for i in range(20))  # --tune tries these, strictest first
@@ -128,6 +128,7 @@ class MemoirMethod(HookedMethod, TunesThreshold, Forgets):
         if "used" in call:
             use.used = call["used"].tolist()
             use.distance = [1.0 - o for o in call["overlap"]]
+            use.score = call["overlap"]
             use.edit_ids = [self.mask_edits[i] if u and i >= 0 else None for u, i in zip(use.used, call["nearest"])]
             use.mask = call["mask"]
 
@@ -175,27 +176,7 @@ class MemoirMethod(HookedMethod, TunesThreshold, Forgets):
     def threshold_sweep(self):
         """(threshold, predict) for each of THRESHOLDS, strictest first, from one pass with every row reading the
         memory and one with none."""
-        cache: dict = {}
-
-        def rows(prompts: Sequence[str], targets: Sequence[str]):
-            key = (tuple(prompts), tuple(targets))
-            if key not in cache:
-                forced, overlaps = [], []
-                for lo in range(0, len(prompts), 16):
-                    p, t = list(prompts[lo:lo + 16]), list(targets[lo:lo + 16])
-                    with self._edits(p, True, forced=True) as use:
-                        forced += [TokenPrediction(a, b, True) for batch, logits in
-                                   scored_batches(self.base, self.tokenizer, p, t) for a, b in target_argmax(batch, logits)]
-                    overlaps += [1.0 - d for d in use.distance]
-                cache[key] = (forced, overlaps, self.predict(prompts, targets, use_edits=False))
-            return cache[key]
-
-        for threshold in THRESHOLDS:
-            def predict(prompts: Sequence[str], targets: Sequence[str], threshold: float = threshold):
-                forced, overlaps, base = rows(prompts, targets)
-                return [TokenPrediction(f.predicted, f.target, True) if o >= threshold
-                        else TokenPrediction(b.predicted, b.target, False) for f, o, b in zip(forced, overlaps, base)]
-            yield threshold, predict
+        return self._sweep(THRESHOLDS, lambda overlap, threshold: overlap >= threshold)
 
     # --- state --------------------------------------------------------------------------------------
 
