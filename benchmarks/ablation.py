@@ -26,7 +26,7 @@ import time
 
 from elder.data import DataError
 from elder.evaluation.datasets import load_benchmark, with_neighbours
-from elder.evaluation.metrics import generate_all, generation_scores, summarize_generation
+from elder.evaluation.metrics import edited_subjects, generate_all, generation_scores, summarize_generation
 from elder.methods.base import TokenPrediction
 from elder.methods.elder import ElderMethod
 from elder.models import load_base
@@ -54,13 +54,6 @@ def where(keep, *columns) -> list[list]:
     return [[item for item, k in zip(column, keep, strict=True) if k] for column in columns]
 
 
-def naming(prompts, records) -> list[bool]:
-    """Whether each prompt names the subject of an edit in the stream (as a substring): a subject key lets such a
-    neighbour in, so only the experts can keep its answer."""
-    subjects = {r.subject for r in records if r.subject}
-    return [any(s in prompt for s in subjects) for prompt in prompts]
-
-
 def run(base, tokenizer, name, settings: dict, records, others=(), generation_tokens: int = 32) -> dict:
     method = ElderMethod.create(base, tokenizer, name, settings)
     answer = lambda prompts, use_edits: [  # noqa: E731
@@ -77,7 +70,8 @@ def run(base, tokenizer, name, settings: dict, records, others=(), generation_to
         near = first_probes(with_neighbours(records, others), "neighbour")
         near_edited = method.predict(*near)
         near_base = method.predict(*near, use_edits=False)
-        named = naming(near[0], records)
+        names = edited_subjects(records)  # a subject key lets these in: only the experts can keep their answers
+        named = [names(prompt) for prompt in near[0]]
         generated = {}
         if generation_tokens:
             base_answers = generate_all(answer, [r.prompt for r in records], False)
