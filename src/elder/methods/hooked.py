@@ -110,6 +110,15 @@ class HookedMethod(EditingMethod):
                 results.append(EditResult(r.id, seconds, steps, learned))
         return results
 
+    def _in_batches(self, records: Sequence[EditRecord], size: int,
+                    edit_batch: Callable[[list[EditRecord]], list[EditResult]]) -> list[EditResult]:
+        """Check every record is new, then apply them `size` at a time with `edit_batch`, in order."""
+        self._check_new(records)
+        results: list[EditResult] = []
+        for lo in range(0, len(records), size):
+            results += edit_batch(list(records[lo:lo + size]))
+        return results
+
     def _training(self, records: Sequence[EditRecord]):
         """The hooks as they train on these records (default: as they answer an edited prompt)."""
         return self._edits([r.prompt for r in records], use_edits=True, training=True)

@@ -134,11 +134,7 @@ class MeloMethod(HookedMethod, TunesThreshold, Forgets):
 
     def edit(self, records: Sequence[EditRecord]) -> list[EditResult]:
         """Each batch of `batch_size` edits trains a fresh block; then their keys are placed."""
-        self._check_new(records)
-        results = []
-        for lo in range(0, len(records), self.cfg.batch_size):
-            results += self._edit_batch(list(records[lo:lo + self.cfg.batch_size]))
-        return results
+        return self._in_batches(records, self.cfg.batch_size, self._edit_batch)
 
     def _edit_batch(self, records: list[EditRecord]) -> list[EditResult]:
         start = time.perf_counter()
