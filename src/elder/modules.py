@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -65,6 +68,44 @@ class Replay(nn.Module):
 
     def forward(self, *args, **kwargs) -> object:
         return self.output
+
+
+def layers_below(model: nn.Module, layers_path: str, count: int, run: Callable[[], object]) -> object:
+    """What decoder layer `count - 1` returns while `run()` (a forward of the model) runs; the forward stops there,
+    so the layers above it never run. Training steps that change nothing below layer `count` run these layers once
+    and `replaying` their output."""
+    captured = {}
+
+    def capture(module: nn.Module, args: tuple, output: object) -> None:
+        captured["output"] = output
+        raise StopForward
+
+    handle = get_module(model, f"{layers_path}.{count - 1}").register_forward_hook(capture)
+    try:
+        with torch.no_grad():
+            run()
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "output" not in captured:
+        raise RuntimeError(f"decoder layer {count - 1} did not run")
+    return captured["output"]
+
+
+@contextmanager
+def replaying(model: nn.Module, layers_path: str, count: int, output: object) -> Iterator[None]:
+    """Within this block, decoder layers 0 .. count-1 return `output` (from `layers_below`) instead of running."""
+    layers = get_module(model, layers_path)
+    originals = [layers[i] for i in range(count)]
+    replay = Replay(output)
+    for i in range(count):
+        layers[i] = replay
+    try:
+        yield
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
 
 
 def block_suffix(model: nn.Module, layers: str, candidates: tuple[str, ...], setting: str) -> str:

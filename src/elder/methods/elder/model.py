@@ -17,7 +17,15 @@ from elder.methods.elder.config import ElderConfig
 from elder.methods.elder.keys import key_reading, normalise
 from elder.methods.elder.layer import MixtureOfLoRA
 from elder.methods.elder.targets import resolve_targets
-from elder.modules import Replay, StopForward, device_of, get_module, linear_shape, num_hidden_layers
+from elder.modules import (
+    StopForward,
+    device_of,
+    get_module,
+    layers_below,
+    linear_shape,
+    num_hidden_layers,
+    replaying,
+)
 from elder.neutral import CENTERING_TEXT
 from elder.settings import ConfigError
 from elder.subjects import subject_tokens
@@ -318,43 +326,19 @@ class ElderModel:
         count = self.targets.prefix_length
         if count == 0:
             return None
-        captured = {}
-
-        def capture(module: nn.Module, args: tuple, output: object) -> None:
-            captured["output"] = output
-            raise StopForward
-
-        last = get_module(self.base, f"{self.targets.layers_path}.{count - 1}")
-        handle = last.register_forward_hook(capture)
         # under subject_key deferral, training routes are forced to the presets: there is no query to read
         reading = nullcontext() if self.key_path is not None else self.routing(batch.query_positions, defer=False)
-        try:
-            with reading as session:
-                self.base.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        except StopForward:
-            pass
-        finally:
-            handle.remove()
+        with reading as session:
+            output = layers_below(self.base, self.targets.layers_path, count, lambda: self.base.base_model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False))
         if session is None or session.route is None:  # no query, or one above the frozen layers (read live)
-            return Prefix(captured["output"], None)
-        return Prefix(captured["output"], session.route.query)
+            return Prefix(output, None)
+        return Prefix(output, session.route.query)
 
-    @contextmanager
-    def _replaying(self, prefix: Prefix | None) -> Iterator[None]:
+    def _replaying(self, prefix: Prefix | None):
         if prefix is None:
-            yield
-            return
-        layers = get_module(self.base, self.targets.layers_path)
-        count = self.targets.prefix_length
-        originals = [layers[i] for i in range(count)]
-        replay = Replay(prefix.output)
-        for i in range(count):
-            layers[i] = replay
-        try:
-            yield
-        finally:
-            for i, layer in enumerate(originals):
-                layers[i] = layer
+            return nullcontext()
+        return replaying(self.base, self.targets.layers_path, self.targets.prefix_length, prefix.output)
 
     def target_logits(self, batch: TeacherForced, defer: bool, prefix: Prefix | None = None,
                       use_memory: bool = True, forced: torch.Tensor | None = None) -> tuple[torch.Tensor, Route | None]:
