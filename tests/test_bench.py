@@ -294,6 +294,31 @@ def test_several_methods_run_on_one_stream_and_only_those_with_a_threshold_are_t
     assert "bytes/edit" in report and "added per edit" in report
 
 
+def test_a_run_grows_by_methods_added_after_the_ones_it_holds(bench_setup, tmp_path, monkeypatch):
+    model, data = bench_setup
+    quick = {"lr": 1e-2, "steps": 100, "stop_loss": 1e-3}
+    first = settings_for(model, data, edits=2, methods=("ft",), method_settings={"ft": quick})
+    before = run_bench(first, tmp_path / "g", progress=False, echo=lambda s: None)
+    scores = (tmp_path / "g" / "ft" / "scores.jsonl").read_text()
+
+    def no_edits(self, records):
+        raise AssertionError("a method the run holds is edited again")
+
+    monkeypatch.setattr(registered()["ft"], "edit", no_edits)
+    grown = run_bench(settings_for(model, data, edits=2, methods=("ft", "lora"),
+                                   method_settings={"ft": quick, "lora": quick}), tmp_path / "g", progress=False,
+                      echo=lambda s: None)
+    assert list(grown["methods"]) == ["ft", "lora"] and grown["methods"]["ft"]["final"] == before["methods"]["ft"]["final"]
+    assert (tmp_path / "g" / "ft" / "scores.jsonl").read_text() == scores
+    assert json.loads((tmp_path / "g" / "settings.json").read_text())["methods"] == ["ft", "lora"]
+    for changed in (dict(methods=("lora", "ft"), method_settings={"ft": quick, "lora": quick}),  # not after them
+                    dict(methods=("ft", "lora"), method_settings={"ft": {**quick, "lr": 2e-2}}),  # ft's settings
+                    dict(methods=("ft", "lora", "grace"), method_settings={"ft": quick}, edits=3)):  # the stream
+        with pytest.raises(RunError, match="other settings"):
+            run_bench(settings_for(model, data, **{"edits": 2, **changed}), tmp_path / "g", progress=False,
+                      echo=lambda s: None)
+
+
 def test_cli_bench_writes_the_report(bench_setup, tmp_path):
     model, data = bench_setup
     out = tmp_path / "run"

@@ -32,6 +32,8 @@ TINY = {
     "melo": {"radius": 1e-3, "rank": 4, "alpha": 4.0, "lr": 5e-2, "steps": 200, "stop_loss": 1e-3, "batch_size": 2},
     "alphaedit": {"first_layer": 1, "num_layers": 3, "stats_tokens": 400, "v_steps": 100, "v_lr": 0.5, "fact_token": "last",
                   "clamp_norm_factor": 4.0, "v_weight_decay": 1e-3, "l2": 1e-6, "nullspace_threshold": 1e-3},
+    "wise": {"layer": 3, "lr": 20.0, "steps": 200, "context_templates": 2, "shard_edits": 1, "alpha": 0.05, "beta": 1.0,
+             "gamma": 0.5, "norm_constraint": 50.0, "act_ratio": 0.95},
 }
 # The same, for GPT-2-shaped blocks (4 layers).
 TINY_GPT2 = {
@@ -43,6 +45,7 @@ TINY_GPT2 = {
     "retrieve": TINY["retrieve"],
     "melo": {**TINY["melo"], "first_layer": 2},
     "alphaedit": {**TINY["alphaedit"], "first_layer": 0},
+    "wise": {**TINY["wise"], "layer": 2},
 }
 
 EDITS = [EditRecord("zq", "Where does Zorbulaq live? In", " Quem", subject="Zorbulaq"),
@@ -66,8 +69,16 @@ ONE_TOKEN_GPT2 = ("grace", "memoir")
 ONE_TOKEN_ALWAYS = ("grace", "alphaedit")
 
 
+# WISE's activation score is a mean over the prompt's tokens: on the random model a prompt of an edit's template
+# scores as the edit does (measured: "The colour of Habrosk is" at 0.996 of the "Mirtavej" edit's floor), so its
+# unrelated prompts are of other shapes.
+OTHER_SHAPES = ["Seven plus five equals", "My favourite fruit is the"]
+
+
 def edits_for(name: str, gpt2: bool = False) -> tuple[list[EditRecord], list[str]]:
     one_token = name in ONE_TOKEN_ALWAYS or (gpt2 and name in ONE_TOKEN_GPT2)
+    if name == "wise":
+        return EDITS, OTHER_SHAPES
     return (ONE_TOKEN, ONE_TOKEN_UNRELATED) if one_token else (EDITS, UNRELATED)
 METHODS = sorted(registered())
 

@@ -133,14 +133,22 @@ def run_bench(settings: BenchSettings, out: str | os.PathLike, progress: bool = 
 
 
 def _claim_folder(out: Path, settings: BenchSettings) -> None:
+    """Claim a new run folder, or resume the run in it: the same settings, or the same with methods added after
+    the ones it holds (their settings given or not; the methods already run keep theirs), which then join it."""
     path = out / "settings.json"
     if path.exists():
-        saved = json.loads(path.read_text())
-        if saved != settings.to_dict():
-            changed = sorted(k for k in set(saved) | set(settings.to_dict())
-                             if saved.get(k) != settings.to_dict().get(k))
-            raise RunError(f"{out} holds a run with other settings ({', '.join(changed)} differ); "
-                           "resume it with the same settings or choose another --out")
+        saved, wanted = json.loads(path.read_text()), settings.to_dict()
+        held = saved.get("methods", [])
+        grows = wanted["methods"][:len(held)] == held and len(wanted["methods"]) > len(held) and \
+            {k: v for k, v in wanted["method_settings"].items() if k in held} == saved.get("method_settings")
+        same = {k: v for k, v in saved.items() if k not in ("methods", "method_settings")} == \
+            {k: v for k, v in wanted.items() if k not in ("methods", "method_settings")}
+        if saved != wanted and not (grows and same):
+            changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+            raise RunError(f"{out} holds a run with other settings ({', '.join(changed)} differ); resume it with "
+                           "the same settings (more methods may follow the ones it holds) or choose another --out")
+        if saved != wanted:
+            files.write_json(path, wanted)
         return
     if out.exists() and any(out.iterdir()):
         raise RunError(f"{out} is not empty and holds no run; choose a new --out folder")

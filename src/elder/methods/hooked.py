@@ -150,7 +150,7 @@ class HookedMethod(EditingMethod):
     def predict(self, prompts: Sequence[str], targets: Sequence[str], use_edits: bool = True) -> list[TokenPrediction]:
         """Teacher-forced argmax tokens of each target, SCORE_BATCH rows per forward."""
         out = []
-        for p, t in _chunks(prompts, targets):
+        for p, t in in_chunks(prompts, targets):
             with self._edits(p, use_edits) as use:
                 rows = [pair for batch, logits in scored_batches(self.base, self.tokenizer, p, t)
                         for pair in target_argmax(batch, logits)]
@@ -160,7 +160,7 @@ class HookedMethod(EditingMethod):
     def loglikelihood(self, prompts: Sequence[str], continuations: Sequence[str], use_edits: bool = True) -> list[float]:
         """Summed log-probability of each continuation."""
         out = []
-        for p, t in _chunks(prompts, continuations):
+        for p, t in in_chunks(prompts, continuations):
             with self._edits(p, use_edits):
                 out += [v for batch, logits in scored_batches(self.base, self.tokenizer, p, t)
                         for v in target_logprob(batch, logits)]
@@ -186,7 +186,7 @@ class HookedMethod(EditingMethod):
             key = (tuple(prompts), tuple(targets))
             if key not in cache:
                 forced, scores = [], []
-                for p, t in _chunks(prompts, targets):
+                for p, t in in_chunks(prompts, targets):
                     with self._edits(p, True, forced=True) as use:
                         forced += [TokenPrediction(a, b, True) for batch, logits in
                                    scored_batches(self.base, self.tokenizer, p, t) for a, b in target_argmax(batch, logits)]
@@ -310,7 +310,7 @@ def _read_state(folder: Path) -> dict:
     return state
 
 
-def _chunks(prompts: Sequence[str], targets: Sequence[str]):
+def in_chunks(prompts: Sequence[str], targets: Sequence[str]):
     if len(prompts) != len(targets):
         raise InputError(f"{len(prompts)} prompts but {len(targets)} targets")
     for lo in range(0, len(prompts), SCORE_BATCH):
