@@ -238,7 +238,8 @@ def _run_method(name: str, settings: BenchSettings, folder: Path, base_folder: P
                 _generations(method, settings, folder, base_folder, test, scored, bar))
             clock.lap("generation_scoring")
         result["cost"] = _cost(folder, len(test))
-        result["inference"] = _inference_time(method, test, settings.timing_prompts, progress=progress)
+        result["inference"] = _cached(folder / "inference.json", lambda: _inference_time(
+            method, test, settings.timing_prompts, progress=progress))  # timed once, in the run that edited
         clock.lap("inference_timing")
         if settings.general_data is not None:
             result["general"] = _retention(method, settings, base_folder, folder, progress)
