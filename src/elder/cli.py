@@ -215,6 +215,43 @@ def demo(
         _fail(error)
 
 
+@app.command()
+def serve(
+    memory: Annotated[Path, typer.Option(help="folder of the service's journal and checkpoints (created; an existing "
+                                         "one is resumed)")] = Path("elder-serve"),
+    model: ModelOpt = None,
+    method: Annotated[Optional[str], typer.Option(help="editing method of a new service (see `elder methods`); "
+                                                  "default: elder")] = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = [],
+    host: Annotated[str, typer.Option(help="address to listen on; off loopback a --token is required")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="port to listen on")] = 8000,
+    token: Annotated[Optional[str], typer.Option(
+        envvar="ELDER_TOKEN", help="bearer token every request that changes the memory must carry (env ELDER_TOKEN)")] = None,
+    max_queue: Annotated[int, typer.Option(min=1, help="most ops waiting to be applied")] = 10_000,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Serve the edited model over HTTP: edits stream in, answers stream out, nothing acknowledged is lost."""
+    try:
+        from elder.serve import Engine, Limits, is_loopback
+        from elder.serve import serve as run_service
+    except ImportError as error:
+        _fail(ConfigError(f"elder serve needs the serve extra (pip install 'elder[serve]'): {error}"))
+    try:
+        if not token and not is_loopback(host):
+            raise ConfigError(f"refusing to listen on {host} without a bearer token: pass --token or set ELDER_TOKEN")
+        settings = None
+        if method is not None or preset is not None or set_:
+            settings = _settings(get_method(method or "elder"), preset, set_)
+        engine = Engine(memory, method, settings, model, dtype, device, Limits(queue=max_queue))
+    except ElderError as error:
+        _fail(error)
+    typer.echo(f"serving {engine.cls.name} on {engine.base_name} at http://{host}:{port} ({len(engine.serving.held_edits)} "
+               f"edits held, journal at {engine.applied_seq}, {engine.queued()} queued); memory in {memory}", err=True)
+    run_service(engine, host, port, token or None)
+
+
 @app.command("methods")
 def list_methods() -> None:
     """The editing methods this install knows, with their presets."""

@@ -28,7 +28,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: in
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _sync_folder(path.parent)
+    sync_folder(path.parent)
     return path
 
 
@@ -109,7 +109,8 @@ def read_lines(path: str | os.PathLike, error: type[Exception] = ValueError) -> 
     return lines
 
 
-def _sync_folder(folder: Path) -> None:
+def sync_folder(folder: Path) -> None:
+    """Make the entries of a folder (a rename into it) durable."""
     # the rename itself is durable only once the folder's entry is on disk (POSIX; Windows has no folder handles)
     try:
         handle = os.open(folder, os.O_RDONLY)
