@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +14,7 @@ from conftest import byte_tokenizer, tiny_llama
 from typer.testing import CliRunner
 
 from elder.cli import app
+from elder.serve import spawn
 
 pytest.importorskip("fastapi")
 
@@ -40,29 +37,16 @@ class Server:
     """An `elder serve` process on a free loopback port."""
 
     def __init__(self, memory: Path, model: Path, token: str | None = None, env: dict | None = None) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        args = [sys.executable, "-c", "from elder.cli import app; app()", "serve", "--memory", str(memory),
-                "--model", str(model), "--port", str(self.port)]
+        args = ["--memory", str(memory), "--model", str(model)]
         if not (memory / "journal.sqlite3").exists():
             args += ["--method", "elder", "--preset", "fast"] + [a for k, v in ELDER.items() for a in ("--set", f"{k}={v}")]
-        environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+        environment = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         if token:
             environment["ELDER_TOKEN"] = token
-        self.process = subprocess.Popen(args, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.process, url = spawn(args, environment)
+        self.port = int(url.rsplit(":", 1)[1])
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=120, headers=headers)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.stdout.read().decode()}")
-            try:
-                if self.http.get("/health").status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise RuntimeError("server did not start")
+        self.http = httpx.Client(base_url=url, timeout=120, headers=headers)
 
     def wait_applied(self, seq: int, timeout: float = 300) -> None:
         deadline = time.time() + timeout
