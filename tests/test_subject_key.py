@@ -137,8 +137,9 @@ def test_answer_span_target_stops_the_experts_once_the_target_is_generated(span,
     assert calls == [1] * forwards * len(model.adapters)  # one row, in each adapted layer, on each such forward
 
 
-def test_after_the_target_the_base_model_goes_on_from_the_prompt_and_the_target_read_afresh():
-    model = keyed()
+@pytest.mark.parametrize("positions", ["all", "answer"])
+def test_after_the_target_the_base_model_goes_on_from_the_prompt_and_the_target_read_afresh(positions):
+    model = keyed(expert_positions=positions)
     apply_edits(model, EDITS, progress=False)
     prompts = [EDITS[0].prompt, "Where does Pennimore live? In"]
     edited, deferred = model.generate(prompts, max_new_tokens=12)
@@ -146,9 +147,36 @@ def test_after_the_target_the_base_model_goes_on_from_the_prompt_and_the_target_
     (plain,) = model.generate([EDITS[0].prompt + " Quem"], max_new_tokens=7, use_memory=False)
     assert edited.text == " Quem" + plain.text  # the base model's own continuation of the edited fact
     assert deferred.text == model.generate(prompts[1:], 12, use_memory=False)[0].text
+    if positions == "answer":  # the prompt's states are the base model's: nothing stale to read again
+        return
     model.config = dataclasses.replace(model.config, answer_reread=False)  # the cached prompt states the experts
     (stale,) = model.generate(prompts[:1], max_new_tokens=12)               # changed pull the answer elsewhere
     assert stale.text.startswith(" Quem") and stale.text != edited.text
+
+
+def test_answer_positions_leave_every_prompt_state_before_the_last_token_as_the_base_models():
+    model = keyed(expert_positions="answer")
+    apply_edits(model, EDITS, progress=False)
+    prompt = EDITS[0].prompt
+    ids = torch.tensor([byte_tokenizer()(prompt + " Quem").input_ids])
+    last = len(byte_tokenizer()(prompt).input_ids) - 1
+    states = {}
+    for use_memory in (True, False):
+        captured = []
+        handle = model.base.model.norm.register_forward_hook(lambda m, a, out: captured.append(out))
+        try:
+            if use_memory:
+                with model.routing(torch.tensor([last]), key_rows=[ids[0, :last + 1].tolist()]):
+                    model.base(input_ids=ids)
+            else:
+                model.base(input_ids=ids)
+        finally:
+            handle.remove()
+        states[use_memory] = captured[0][0]
+    assert torch.equal(states[True][:last], states[False][:last])
+    assert not torch.allclose(states[True][last:], states[False][last:])
+    (answer,) = model.generate([prompt], max_new_tokens=5)
+    assert answer.used_memory and answer.text.startswith(" Quem")
 
 
 def test_answer_span_target_needs_a_subject_key():

@@ -79,6 +79,13 @@ class ElderConfig(MethodConfig):
                           "model reads the prompt and the target afresh and continues from its own states (False: it "
                           "continues over the prompt states the experts changed, which pull it back to the target)"},
     )
+    expert_positions: str = field(
+        default="all",
+        metadata={"help": "where the experts act in a sequence: 'all' its positions (the paper) or 'answer': from the "
+                          "last prompt token on (training, scoring and generation alike), so the prompt's other states "
+                          "stay the base model's and, under answer_reread, the base model goes on after the target "
+                          "from the cached prompt instead of reading it again"},
+    )
     replay: int = field(
         default=0,
         metadata={"help": "earlier edits trained again beside each new batch, drawn at random (0: none, the paper); "
@@ -168,6 +175,9 @@ class ElderConfig(MethodConfig):
         if self.replay and self.deferral != "subject_key":
             raise ConfigError("replay needs deferral='subject_key' (an earlier edit's route is then its preset); "
                               "set replay=0")
+        if self.expert_positions not in EXPERT_POSITIONS:
+            raise ConfigError(f"expert_positions must be one of {', '.join(EXPERT_POSITIONS)}, "
+                              f"got {self.expert_positions!r}")
         if self.answer_span is not None and self.answer_span not in ANSWER_SPANS:
             raise ConfigError(f"answer_span must be one of {', '.join(ANSWER_SPANS)} or None, "
                               f"got {self.answer_span!r}")
@@ -196,6 +206,7 @@ class ElderConfig(MethodConfig):
 
 DEFERRALS = ("code", "subject_key")
 ANSWER_SPANS = ("all", "target")
+EXPERT_POSITIONS = ("all", "answer")
 
 # The paper's loop is the dataclass default. `fast` settles each batch's routes before its experts train, trains
 # with a high rate and stops once the targets are learned, and keeps old edits routable (see the README for the

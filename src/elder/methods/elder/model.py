@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
@@ -304,9 +305,20 @@ class ElderModel:
             if len(rows) == 0:
                 return None  # every row deferred (or past its answer span): the base output, untouched
             delta = self.adapters[index].delta(x[rows], route.weights[:, index].to(x.device)[rows])
+            if self.config.expert_positions == "answer":
+                delta = delta * self._answer_positions(session, x.shape[1], rows)[..., None]
             # rows that defer are not touched at all, so they equal the base model bit for bit
             return output.index_copy(0, rows, (output[rows].float() + delta).to(output.dtype))
         return hook
+
+    @staticmethod
+    def _answer_positions(session: _Session, width: int, rows: torch.Tensor) -> torch.Tensor:
+        """(rows, width) under expert_positions='answer': the positions from each row's last prompt token on (a
+        teacher-forced call names them; a generation's prompt is left-padded, and each later step is answer)."""
+        positions = torch.arange(width, device=rows.device)[None, :]
+        if session.positions is not None:
+            return positions >= session.positions.to(rows.device)[rows][:, None]
+        return (positions >= width - 1).expand(len(rows), width)
 
     # --- forward passes ----------------------------------------------------------------------------
 
@@ -383,23 +395,27 @@ class ElderModel:
                 self._plan(session)  # the key route needs no forward: each row's answer span is known first
                 spans = [min(s, max_new_tokens) if u else 0
                          for s, u in zip(session.span.tolist(), session.route.used.tolist())]
-                answers = None
+                answers, cache = None, None
                 if max(spans) > 0:  # the edited model writes the targets; the base model goes on below
-                    answers = self.base.generate(**{**kwargs, "max_new_tokens": max(spans)})[:, width:].tolist()
+                    out = self.base.generate(**{**kwargs, "max_new_tokens": max(spans),
+                                                "return_dict_in_generate": True})
+                    answers, cache = out.sequences[:, width:].tolist(), out.past_key_values
         if answers is None:  # every row defers: the base model's own generation, with no hook at work
             answers = self.base.generate(**kwargs)[:, width:].tolist()
         elif self.key_path is not None and self.config.rereads_answer:
-            answers = self._continue(rows, answers, spans, max_new_tokens)
+            if self.config.expert_positions == "answer" and hasattr(cache, "crop"):
+                answers = self._continue_cached(input_ids, attention_mask, cache, answers, spans, max_new_tokens)
+            else:
+                answers = self._continue(rows, answers, spans, max_new_tokens)
         used, distance = session.route.used.tolist(), session.route.distance.tolist()
         rows = session.route.edits.tolist() if session.route.edits is not None else [-1] * len(prompts)
         edit_ids = [self.bank.ids[r] if u and r >= 0 else None for u, r in zip(used, rows)]
         texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
         return [Answer(p, t, u, d, e) for p, t, u, d, e in zip(prompts, texts, used, distance, edit_ids)]
 
-    def _continue(self, prompts: list[list[int]], answers: list[list[int]], spans: list[int],
-                  max_new_tokens: int) -> list[list[int]]:
-        """Continue each answer with the base model from the prompt and the answer so far, read afresh: a row that
-        used the memory keeps its answer span's tokens (the target), one that deferred keeps all its tokens."""
+    def _kept(self, answers: list[list[int]], spans: list[int], max_new_tokens: int) -> tuple[list[list[int]], list[int]]:
+        """What each row keeps of its first answer (a row that used the memory: its answer span's tokens, the
+        target; one that deferred: all of them; up to an end token), and the rows still open."""
         stop = self.base.generation_config.eos_token_id
         stops = set(stop if isinstance(stop, list) else [stop]) - {None}
         kept, open_rows = [], []
@@ -407,9 +423,40 @@ class ElderModel:
             tokens = answer[:span] if span else answer
             end = next((j for j, t in enumerate(tokens) if t in stops), None)
             kept.append(tokens if end is None else tokens[:end + 1])
-            if end is None:
+            if end is None and len(kept[i]) < max_new_tokens:
                 open_rows.append(i)
-        open_rows = [i for i in open_rows if len(kept[i]) < max_new_tokens]
+        return kept, open_rows
+
+    def _continue_cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, answers: list[list[int]],
+                         spans: list[int], max_new_tokens: int) -> list[list[int]]:
+        """Under expert_positions='answer': the prompt's states before its last token are the base model's, so the
+        cache is cut back to them and the base model reads only the last prompt token and the kept answer."""
+        kept, open_rows = self._kept(answers, spans, max_new_tokens)
+        if not open_rows:
+            return kept
+        width = input_ids.shape[1]
+        surplus = cache.get_seq_length() - (width - 1)
+        if surplus > 0:
+            cache.crop(-surplus)  # a negative count removes that many tokens in every transformers version we take
+        last = input_ids[:, -1].tolist()
+        suffix, suffix_mask = pad_rows([[t, *k] for t, k in zip(last, kept, strict=True)], pad_id(self.tokenizer),
+                                       left=True)
+        ids = torch.cat([input_ids[:, :-1], suffix.to(input_ids.device)], dim=1)
+        mask = torch.cat([attention_mask[:, :-1], suffix_mask.to(attention_mask.device)], dim=1)
+        longest = max_new_tokens - min(len(kept[i]) for i in open_rows)
+        with warnings.catch_warnings():  # transformers 5 renames it `cache`; 4.x knows only this name (we take <6)
+            warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+            out = self.base.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=longest,
+                                     do_sample=False, num_beams=1, pad_token_id=pad_id(self.tokenizer))
+        new = out[:, ids.shape[1]:].tolist()
+        for i in open_rows:
+            kept[i] = kept[i] + new[i][:max_new_tokens - len(kept[i])]
+        return kept
+
+    def _continue(self, prompts: list[list[int]], answers: list[list[int]], spans: list[int],
+                  max_new_tokens: int) -> list[list[int]]:
+        """Continue each answer with the base model from the prompt and the answer so far, read afresh."""
+        kept, open_rows = self._kept(answers, spans, max_new_tokens)
         if not open_rows:
             return kept
         longest = max_new_tokens - min(len(kept[i]) for i in open_rows)
