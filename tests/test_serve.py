@@ -39,7 +39,8 @@ class Server:
     def __init__(self, memory: Path, model: Path, token: str | None = None, env: dict | None = None) -> None:
         args = ["--memory", str(memory), "--model", str(model)]
         if not (memory / "journal.sqlite3").exists():
-            args += ["--method", "elder", "--preset", "fast"] + [a for k, v in ELDER.items() for a in ("--set", f"{k}={v}")]
+            args += ["--method", "elder", "--preset", "fast"]
+            args += [a for k, v in ELDER.items() for a in ("--set", f"{k}={v}")]
         environment = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         if token:
             environment["ELDER_TOKEN"] = token
@@ -117,8 +118,11 @@ def test_bad_requests_get_a_4xx_and_change_nothing(server, tmp_path, model):
     assert http.post("/edits", json={"prompt": "word " * 600, "target": " y"}).status_code == 422  # past the context
     assert http.post("/edits", json={"edits": [EDITS[0]] * 65}).status_code == 413
     assert http.post("/ask", json={"prompts": [UNRELATED], "max_new_tokens": 10_000}).status_code == 422
-    assert http.post("/edits", content=b"x" * (2 << 20), headers={"content-type": "application/json"}).status_code == 413
-    for request in (http.get("/edits/nope"), http.put("/edits/nope", json={"prompt": "p", "target": " t"}), http.delete("/edits/nope")):
+    huge = http.post("/edits", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
+    assert huge.status_code == 413
+    unknown = (http.get("/edits/nope"), http.put("/edits/nope", json={"prompt": "p", "target": " t"}),
+               http.delete("/edits/nope"))
+    for request in unknown:
         assert request.status_code == 404
     assert http.post("/edits", json={"edits": [EDITS[0], EDITS[0]]}).status_code == 409  # repeated in one request
     assert http.get("/health").json()["queued"] == 0 and http.get("/edits").json() == {"held": [], "queued": []}

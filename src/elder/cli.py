@@ -227,7 +227,7 @@ def serve(
     host: Annotated[str, typer.Option(help="address to listen on; off loopback a --token is required")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="port to listen on")] = 8000,
     token: Annotated[Optional[str], typer.Option(
-        envvar="ELDER_TOKEN", help="bearer token every request that changes the memory must carry (env ELDER_TOKEN)")] = None,
+        envvar="ELDER_TOKEN", help="bearer token every request that changes the memory must carry")] = None,
     max_queue: Annotated[int, typer.Option(min=1, help="most ops waiting to be applied")] = 10_000,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -247,8 +247,8 @@ def serve(
         engine = Engine(memory, method, settings, model, dtype, device, Limits(queue=max_queue))
     except ElderError as error:
         _fail(error)
-    typer.echo(f"serving {engine.cls.name} on {engine.base_name} at http://{host}:{port} ({len(engine.serving.held_edits)} "
-               f"edits held, journal at {engine.applied_seq}, {engine.queued()} queued); memory in {memory}", err=True)
+    typer.echo(f"serving {engine.cls.name} on {engine.base_name} at http://{host}:{port} "
+               f"({len(engine.serving.held_edits)} edits held, journal at {engine.applied_seq}, {engine.queued()} queued); memory in {memory}", err=True)
     run_service(engine, host, port, token or None)
 
 

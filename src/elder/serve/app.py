@@ -221,7 +221,8 @@ def build_app(engine: Engine, token: str | None = None) -> FastAPI:
         with latency.labels("completions").time():
             answers = engine.answer(prompts, body.max_tokens)
         made, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        choices = [{"index": i, "text": a.text, "logprobs": None, "finish_reason": _finish(engine, a.text, body.max_tokens),
+        choices = [{"index": i, "text": a.text, "logprobs": None,
+                    "finish_reason": _finish(engine, a.text, body.max_tokens),
                     "elder": {"used_memory": a.used_memory, "edit_id": a.edit_id}} for i, a in enumerate(answers)]
         if body.stream:
             return _stream([{"id": made, "object": "text_completion", "created": created, "model": model_name,
@@ -246,7 +247,8 @@ def build_app(engine: Engine, token: str | None = None) -> FastAPI:
         finish = _finish(engine, answer.text, body.max_tokens)
         if body.stream:
             head = {"id": made, "object": "chat.completion.chunk", "created": created, "model": model_name}
-            return _stream([{**head, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}] +
+            opening = {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}
+            return _stream([{**head, "choices": [opening]}] +
                            [{**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
                             for piece in _pieces(engine, answer.text)] +
                            [{**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}])

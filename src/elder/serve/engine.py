@@ -28,7 +28,7 @@ from elder.serve.journal import Journal, JournalError, Op
 from elder.tokens import context_limit, encode_prompt, encode_target
 
 CHECKPOINT = "checkpoint.json"
-CHECKPOINT_DELAY = "ELDER_SERVE_CHECKPOINT_DELAY"  # seconds between writing a checkpoint and publishing it (crash tests)
+CHECKPOINT_DELAY = "ELDER_SERVE_CHECKPOINT_DELAY"  # seconds between writing and publishing a checkpoint (crash tests)
 
 
 class ServiceError(ElderError, ValueError):

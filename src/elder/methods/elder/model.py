@@ -413,7 +413,8 @@ class ElderModel:
         texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
         return [Answer(p, t, u, d, e) for p, t, u, d, e in zip(prompts, texts, used, distance, edit_ids)]
 
-    def _kept(self, answers: list[list[int]], spans: list[int], max_new_tokens: int) -> tuple[list[list[int]], list[int]]:
+    def _kept(self, answers: list[list[int]], spans: list[int],
+              max_new_tokens: int) -> tuple[list[list[int]], list[int]]:
         """What each row keeps of its first answer (a row that used the memory: its answer span's tokens, the
         target; one that deferred: all of them; up to an end token), and the rows still open."""
         stop = self.base.generation_config.eos_token_id

@@ -186,8 +186,9 @@ class WiseMethod(HookedMethod, TunesThreshold):
         neutral = CENTERING_TEXT[len(self.records) % len(CENTERING_TEXT)]
         cut = neutral.rindex(" ")  # the irrelevant row is teacher-forced too; its target is not trained
         device = input_device(self.base)
-        batch = teacher_forced(self.tokenizer, [*prompts, neutral[:cut]], [record.target] * len(prompts) + [neutral[cut:]],
-                               context_limit(self.base), cfg.max_target_tokens, device)
+        batch = teacher_forced(self.tokenizer, [*prompts, neutral[:cut]],
+                               [record.target] * len(prompts) + [neutral[cut:]], context_limit(self.base),
+                               cfg.max_target_tokens, device)
         trained = batch.rows < len(prompts)
         rows, cols, targets = batch.rows[trained], batch.cols[trained], batch.target_ids[trained]
         kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
@@ -238,7 +239,7 @@ class WiseMethod(HookedMethod, TunesThreshold):
         with self._edits([prompt], True, forced=0, memories=(delta[None], [1.0])) as use:
             ids, mask = prompt_batch(self.tokenizer, [prompt], context_limit(self.base), input_device(self.base))
             self.base(input_ids=ids, attention_mask=mask, use_cache=False)
-        return max(float(use.scores[0, 0]), 1e-6)  # a shard that moves nothing on its prompt still gets a positive floor
+        return max(float(use.scores[0, 0]), 1e-6)  # a shard that moves nothing still gets a positive floor
 
     @torch.no_grad()
     def _merge(self) -> None:
