@@ -399,7 +399,8 @@ class ElderModel:
                 if max(spans) > 0:  # the edited model writes the targets; the base model goes on below
                     out = self.base.generate(**{**kwargs, "max_new_tokens": max(spans),
                                                 "return_dict_in_generate": True})
-                    answers, cache = out.sequences[:, width:].tolist(), out.past_key_values
+                    answers = out.sequences[:, width:].tolist()
+                    cache = out["cache"] if "cache" in out else out.get("past_key_values")  # transformers 5 / 4
         if answers is None:  # every row defers: the base model's own generation, with no hook at work
             answers = self.base.generate(**kwargs)[:, width:].tolist()
         elif self.key_path is not None and self.config.rereads_answer:
