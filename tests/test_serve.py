@@ -148,7 +148,7 @@ def test_a_token_guards_every_change(tmp_path, model):
 @pytest.mark.parametrize("moment", ["edit", "checkpoint"])
 def test_sigkill_loses_no_acknowledged_edit_and_applies_each_once(tmp_path, model, moment):
     edits = [{"id": f"e{i}", "prompt": f"The colour of Mirtav{chr(97 + i)}j is", "target": f" w{chr(97 + i)}x"}
-             for i in range(6)]
+             for i in range(10)]
     env = {"ELDER_SERVE_CHECKPOINT_DELAY": "5"} if moment == "checkpoint" else {}
     server = Server(tmp_path / "memory", model, env=env)
     seqs = [e["seq"] for e in server.http.post("/edits", json={"edits": edits}).json()["edits"]]
@@ -157,8 +157,9 @@ def test_sigkill_loses_no_acknowledged_edit_and_applies_each_once(tmp_path, mode
         while not any((tmp_path / "memory" / "checkpoints").glob("0*")):
             assert time.time() < deadline
             time.sleep(0.05)
-    else:  # killed while a batch trains
+    else:  # killed while a batch trains, with edits still queued
         time.sleep(0.5)
+        assert server.http.get("/health").json()["applied_seq"] < seqs[-1]
     server.kill()
     assert server.process.returncode == -signal.SIGKILL
     restarted = Server(tmp_path / "memory", model)

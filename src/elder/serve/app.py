@@ -117,6 +117,8 @@ class _EngineCollector:
         yield CounterMetricFamily("elder_prompts_answered", "prompts answered", value=stats.prompts)
         yield CounterMetricFamily("elder_prompts_memory_used", "prompts answered through the edit memory",
                                   value=stats.memory_used)
+        yield GaugeMetricFamily("elder_memory_used_rate", "share of prompts answered through the edit memory",
+                                value=stats.memory_used / stats.prompts if stats.prompts else 0.0)
         yield GaugeMetricFamily("elder_queue_length", "ops accepted and not yet applied", value=engine.queued())
         yield GaugeMetricFamily("elder_edits_held", "edits the answering memory holds",
                                 value=len(engine.serving.held_edits))
