@@ -128,6 +128,18 @@ def test_bad_requests_get_a_4xx_and_change_nothing(server, tmp_path, model):
     assert http.get("/health").json()["queued"] == 0 and http.get("/edits").json() == {"held": [], "queued": []}
 
 
+def test_an_edit_the_method_refuses_fails_alone_and_leaves_nothing(server):
+    too_long = {"id": "long", "prompt": "The colour of Habrosk is", "target": " " + "x" * 40}  # > max_target_tokens
+    accepted = server.http.post("/edits", json={"edits": [too_long, EDITS[0], EDITS[1]]}).json()["edits"]
+    server.wait_applied(accepted[-1]["seq"])
+    statuses = {e["id"]: server.http.get(f"/edits/{e['id']}").json() for e in accepted}
+    assert [statuses[i]["status"] for i in ("zq", "long", "mw")] == ["applied", "failed", "applied"]
+    assert "max_target_tokens" in statuses["long"]["error"]
+    assert [e["id"] for e in server.http.get("/edits").json()["held"]] == ["zq", "mw"]
+    assert "elder_edits_failed_total 1.0" in server.http.get("/metrics").text
+    assert server.ask(EDITS[0]["prompt"])[0]["answer"].startswith(" Quem")
+
+
 def test_a_token_guards_every_change(tmp_path, model):
     server = Server(tmp_path / "memory", model, token="s3cret")
     try:

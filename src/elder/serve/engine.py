@@ -136,11 +136,13 @@ class Engine:
         root = self.folder / "checkpoints"
         root.mkdir(exist_ok=True)
         name = f"{seq:012d}"
+        final = root / name
+        if self._published()[0] == seq and final.is_dir():
+            return final  # published already (a batch taken one op at a time): never rewrite a published folder
         staging = root / f".{name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         self.trainer.save(staging)
-        final = root / name
-        shutil.rmtree(final, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)  # an unpublished leftover
         os.replace(staging, final)
         sync_folder(root)
         delay = float(os.environ.get(CHECKPOINT_DELAY, "0") or 0)
