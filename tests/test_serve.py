@@ -36,11 +36,12 @@ def model(tmp_path_factory) -> Path:
 class Server:
     """An `elder serve` process on a free loopback port."""
 
-    def __init__(self, memory: Path, model: Path, token: str | None = None, env: dict | None = None) -> None:
+    def __init__(self, memory: Path, model: Path, token: str | None = None, env: dict | None = None,
+                 settings: dict | None = None) -> None:
         args = ["--memory", str(memory), "--model", str(model)]
         if not (memory / "journal.sqlite3").exists():
             args += ["--method", "elder", "--preset", "fast"]
-            args += [a for k, v in ELDER.items() for a in ("--set", f"{k}={v}")]
+            args += [a for k, v in {**ELDER, **(settings or {})}.items() for a in ("--set", f"{k}={v}")]
         environment = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         if token:
             environment["ELDER_TOKEN"] = token
@@ -162,7 +163,8 @@ def test_sigkill_loses_no_acknowledged_edit_and_applies_each_once(tmp_path, mode
     edits = [{"id": f"e{i}", "prompt": f"The colour of Mirtav{chr(97 + i)}j is", "target": f" w{chr(97 + i)}x"}
              for i in range(10)]
     env = {"ELDER_SERVE_CHECKPOINT_DELAY": "5"} if moment == "checkpoint" else {}
-    server = Server(tmp_path / "memory", model, env=env)
+    # every batch trains all its 200 steps, so that the kill finds one training
+    server = Server(tmp_path / "memory", model, env=env, settings={"early_stop": "false"})
     seqs = [e["seq"] for e in server.http.post("/edits", json={"edits": edits}).json()["edits"]]
     if moment == "checkpoint":  # killed while the first checkpoint is written but not yet published
         deadline = time.time() + 120
@@ -170,7 +172,7 @@ def test_sigkill_loses_no_acknowledged_edit_and_applies_each_once(tmp_path, mode
             assert time.time() < deadline
             time.sleep(0.05)
     else:  # killed while a batch trains, with edits still queued
-        time.sleep(0.5)
+        time.sleep(0.3)
         assert server.http.get("/health").json()["applied_seq"] < seqs[-1]
     server.kill()
     assert server.process.returncode == -signal.SIGKILL
