@@ -37,8 +37,8 @@ class Server:
     """An `elder serve` process on a free loopback port."""
 
     def __init__(self, memory: Path, model: Path, token: str | None = None, env: dict | None = None,
-                 settings: dict | None = None) -> None:
-        args = ["--memory", str(memory), "--model", str(model)]
+                 settings: dict | None = None, options: tuple[str, ...] = ()) -> None:
+        args = ["--memory", str(memory), "--model", str(model), *options]
         if not (memory / "journal.sqlite3").exists():
             args += ["--method", "elder", "--preset", "fast"]
             args += [a for k, v in {**ELDER, **(settings or {})}.items() for a in ("--set", f"{k}={v}")]
@@ -127,6 +127,18 @@ def test_bad_requests_get_a_4xx_and_change_nothing(server, tmp_path, model):
         assert request.status_code == 404
     assert http.post("/edits", json={"edits": [EDITS[0], EDITS[0]]}).status_code == 409  # repeated in one request
     assert http.get("/health").json()["queued"] == 0 and http.get("/edits").json() == {"held": [], "queued": []}
+
+
+def test_a_full_queue_refuses_a_request_whole(tmp_path, model):
+    server = Server(tmp_path / "memory", model, options=("--max-queue", "2"))
+    try:
+        refused = server.http.post("/edits", json={"edits": [{**e, "id": f"q{i}-{e['id']}"} for i in range(2)
+                                                             for e in EDITS[:2]][:3]})
+        assert refused.status_code == 429 and "at most 2" in refused.json()["detail"]
+        assert server.http.get("/edits").json() == {"held": [], "queued": []}
+        assert server.http.post("/edits", json={"edits": EDITS}).status_code == 202
+    finally:
+        server.stop()
 
 
 def test_an_edit_the_method_refuses_fails_alone_and_leaves_nothing(server):
