@@ -180,25 +180,36 @@ class HookedMethod(EditingMethod):
         """(value, predict) for each threshold value, each `predict` scoring as the method would with it: from one
         pass with every row forced through its nearest stored edit (`_edits(..., forced=True)`, which fills
         `use.score`) and one with none; a row takes the forced prediction when `passes(score, value)`."""
+        return self._sweep_passes(values, (True,), lambda scores, value: 0 if passes(scores[0], value) else None)
+
+    def _sweep_passes(self, values: Sequence[float], forced: Sequence[object],
+                      choose: Callable[[list[float], float], int | None]):
+        """`_sweep` over several forced passes (`_edits(..., forced=f)` for each f of `forced`, each filling
+        `use.score`): `choose(scores, value)` names the pass whose prediction a row takes with that value (its
+        score in every pass given), or None for the base model's."""
         cache: dict = {}
 
         def rows(prompts: Sequence[str], targets: Sequence[str]):
             key = (tuple(prompts), tuple(targets))
             if key not in cache:
-                forced, scores = [], []
+                predictions, scores = [[] for _ in forced], [[] for _ in forced]
                 for p, t in in_chunks(prompts, targets):
-                    with self._edits(p, True, forced=True) as use:
-                        forced += [TokenPrediction(a, b, True) for batch, logits in
-                                   scored_batches(self.base, self.tokenizer, p, t) for a, b in target_argmax(batch, logits)]
-                    scores += use.score
-                cache[key] = (forced, scores, self.predict(prompts, targets, use_edits=False))
+                    for f, made, scored in zip(forced, predictions, scores, strict=True):
+                        with self._edits(p, True, forced=f) as use:
+                            made += [TokenPrediction(a, b, True) for batch, logits in
+                                     scored_batches(self.base, self.tokenizer, p, t)
+                                     for a, b in target_argmax(batch, logits)]
+                        scored += use.score
+                cache[key] = (predictions, [list(row) for row in zip(*scores)],
+                              self.predict(prompts, targets, use_edits=False))
             return cache[key]
 
         for value in values:
             def predict(prompts: Sequence[str], targets: Sequence[str], value: float = value):
-                forced, scores, base = rows(prompts, targets)
-                return [TokenPrediction(f.predicted, f.target, True) if passes(s, value)
-                        else TokenPrediction(b.predicted, b.target, False) for f, s, b in zip(forced, scores, base)]
+                predictions, scores, base = rows(prompts, targets)
+                picks = [choose(row, value) for row in scores] if forced else [None] * len(base)
+                return [predictions[k][i] if k is not None else TokenPrediction(b.predicted, b.target, False)
+                        for i, (k, b) in enumerate(zip(picks, base, strict=True))]
             yield value, predict
 
     # --- state ---------------------------------------------------------------------------------

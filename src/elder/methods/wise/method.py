@@ -30,14 +30,14 @@ from transformers.activations import ACT2FN
 
 from elder.data import EditRecord
 from elder.errors import NonFiniteLossError
-from elder.forward import input_device, scored_batches
-from elder.methods.base import EditResult, TokenPrediction, TunesThreshold
-from elder.methods.hooked import HookedMethod, StateFormatError, Use, in_chunks
+from elder.forward import input_device
+from elder.methods.base import EditResult, TunesThreshold
+from elder.methods.hooked import HookedMethod, StateFormatError, Use
 from elder.methods.wise.config import WiseConfig
 from elder.modules import decoder_layers_path, ffn_output_path, get_module, layers_below, linear_shape, replaying
 from elder.neutral import CENTERING_TEXT
 from elder.settings import ConfigError
-from elder.tokens import context_limit, encode_prompt, pad_id, prompt_batch, target_argmax, teacher_forced
+from elder.tokens import context_limit, encode_prompt, pad_id, prompt_batch, teacher_forced
 
 BAND = 27 / 32  # the FFN output layer EasyEdit's WISE hparams edit in LLaMA-2-7B (27 of 32)
 STARTERS = ("The", "Therefore", "Because", "I", "You")  # the authors' (and ROME's) context-template starts
@@ -141,6 +141,8 @@ class WiseMethod(HookedMethod, TunesThreshold):
         if "choice" in call:
             use.used = (call["choice"] >= 0).tolist()
             use.scores = call["scores"]  # (rows, memories) activation scores
+            if forced is not None and use.scores.shape[1]:
+                use.score = use.scores[:, forced].tolist()  # the forced memory's, for the sweep
             floors = torch.tensor(floors, dtype=torch.float32)
             use.distance = [float(floors[c] / use.scores[i, c]) if c >= 0 and use.scores[i, c] > 0 else float("inf")
                             for i, c in enumerate(call["choice"].tolist())]  # the read memory's floor over score
@@ -280,36 +282,16 @@ class WiseMethod(HookedMethod, TunesThreshold):
 
     def threshold_sweep(self):
         """(act_ratio, predict) for each of RATIOS, strictest first, each `predict` scoring as the method would with
-        that act_ratio: from one pass per side memory with every row reading it (which also gives every row's
-        scores) and one pass with none."""
-        cache: dict = {}
+        that act_ratio: from one pass per side memory with every row reading it (each giving the rows' scores for
+        that memory) and one pass with none."""
+        floors = torch.tensor(self.floors)
 
-        def rows(prompts: Sequence[str], targets: Sequence[str]):
-            key = (tuple(prompts), tuple(targets))
-            if key not in cache:
-                forced, scores = [[] for _ in self.floors], []
-                for p, t in in_chunks(prompts, targets):
-                    for m, predictions in enumerate(forced):
-                        with self._edits(p, True, forced=m) as use:
-                            predictions += [TokenPrediction(a, b, True) for batch, logits in
-                                            scored_batches(self.base, self.tokenizer, p, t)
-                                            for a, b in target_argmax(batch, logits)]
-                    scores += use.scores.tolist() if forced else [[] for _ in p]
-                cache[key] = (forced, scores, self.predict(prompts, targets, use_edits=False))
-            return cache[key]
+        def choose(scores: list[float], ratio: float) -> int | None:
+            row = torch.tensor(scores)
+            passing = row >= ratio * floors  # as _decide compares, in fp32
+            return int(torch.where(passing, row, torch.full_like(row, -1.0)).argmax()) if bool(passing.any()) else None
 
-        for ratio in RATIOS:
-            def predict(prompts: Sequence[str], targets: Sequence[str], ratio: float = ratio):
-                forced, scores, base = rows(prompts, targets)
-                floors, out = torch.tensor(self.floors), []
-                for i, row in enumerate(scores):
-                    row = torch.tensor(row)
-                    passing = row >= ratio * floors  # as _decide compares, in fp32
-                    best = int(torch.where(passing, row, torch.full_like(row, -1.0)).argmax()) if len(row) else 0
-                    out.append(forced[best][i] if bool(passing.any()) else
-                               TokenPrediction(base[i].predicted, base[i].target, False))
-                return out
-            yield ratio, predict
+        return self._sweep_passes(RATIOS, range(len(self.floors)), choose)
 
     # --- state --------------------------------------------------------------------------------------
 
