@@ -247,7 +247,7 @@ class Engine:
 
     def queued(self) -> int:
         """Ops accepted but not yet applied."""
-        return len(self.journal.after(self.applied_seq))
+        return self.journal.count_after(self.applied_seq)
 
     def _check_record(self, data: object, where: str) -> EditRecord:
         try:
@@ -255,15 +255,18 @@ class Engine:
         except DataError as error:
             raise ServiceError(str(error)) from None
         for prompt in (record.prompt, *record.rephrases):
-            if len(prompt) > self.limits.prompt_chars:
-                raise ServiceError(f"{where}: a prompt of {len(prompt)} characters is over the limit of "
-                                   f"{self.limits.prompt_chars}", 413)
+            self._check_size(prompt, f"{where}: ")
         try:
             ids = encode_prompt(self.tokenizer, record.prompt, self.context)
             encode_target(self.tokenizer, ids, record.prompt, record.target, 1 << 30)
         except ElderError as error:
             raise ServiceError(f"{where}: {error}") from None
         return record
+
+    def _check_size(self, prompt: str, where: str = "") -> None:
+        if len(prompt) > self.limits.prompt_chars:
+            raise ServiceError(f"{where}a prompt of {len(prompt)} characters is over the limit of "
+                               f"{self.limits.prompt_chars}", 413)
 
     def submit(self, records: Sequence[object]) -> list[tuple[str, int, int]]:
         """Journal new edits; (id, seq, position in the queue) for each, once durable."""
@@ -364,9 +367,7 @@ class Engine:
         for prompt in prompts:
             if not isinstance(prompt, str):
                 raise ServiceError("every prompt must be a string")
-            if len(prompt) > self.limits.prompt_chars:
-                raise ServiceError(f"a prompt of {len(prompt)} characters is over the limit of "
-                                   f"{self.limits.prompt_chars}", 413)
+            self._check_size(prompt)
         with self._serve_lock:
             try:
                 answers = self.serving.answer(list(prompts), max_new_tokens)

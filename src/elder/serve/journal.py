@@ -71,6 +71,11 @@ class Journal:
             rows = self._db.execute(query + (" LIMIT ?" if limit else ""), (seq, limit) if limit else (seq,)).fetchall()
         return [Op(s, k, e, None if r is None else json.loads(r), t) for s, k, e, r, t in rows]
 
+    def count_after(self, seq: int) -> int:
+        """How many ops are numbered after `seq` (without reading them)."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM ops WHERE seq > ?", (seq,)).fetchone()[0]
+
     def op(self, seq: int) -> Op | None:
         """One op by number."""
         found = self.after(seq - 1, 1)
