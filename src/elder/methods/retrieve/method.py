@@ -19,7 +19,7 @@ from elder.methods.base import Answer, EditResult, EditsInContext, Forgets, Meth
     TunesThreshold
 from elder.methods.hooked import HookedMethod, StateFormatError, Use
 from elder.methods.retrieve.config import RetrieveConfig
-from elder.modules import StopForward, decoder_layers_path, get_module, num_hidden_layers
+from elder.modules import decoder_layers_path, layers_below, num_hidden_layers
 from elder.neutral import CENTERING_TEXT
 from elder.settings import ConfigError
 from elder.tokens import InputError, context_limit, encode_prompt, pad_id, pad_rows, target_argmax, target_logprob
@@ -38,10 +38,9 @@ class RetrieveMethod(HookedMethod, TunesThreshold, Forgets, EditsInContext):
         layer = config.layer if config.layer is not None else depth // 2
         if layer >= depth:
             raise ConfigError(f"layer {layer} lies outside a model of {depth} layers")
-        path = f"{decoder_layers_path(base)}.{layer}"
+        self.layers_path, self.layer = decoder_layers_path(base), layer
         super().__init__(base, tokenizer, base_name, config)
         try:
-            self.layer_module = get_module(base, path)
             self.width = self._base_identity()["hidden"]
             self.center = self._embed(list(CENTERING_TEXT), centred=False).mean(0)
         except BaseException:
@@ -56,26 +55,14 @@ class RetrieveMethod(HookedMethod, TunesThreshold, Forgets, EditsInContext):
     def _embed(self, texts: Sequence[str], centred: bool = True) -> torch.Tensor:
         """(n, d) embeddings: the layer's output averaged over each text's tokens (centred, unit length)."""
         limit, out = context_limit(self.base), []
-        captured = {}
-
-        def capture(module: nn.Module, args: tuple, output) -> None:
-            captured["states"] = output[0] if isinstance(output, tuple) else output
-            raise StopForward
-
-        handle = self.layer_module.register_forward_hook(capture)
-        try:
-            for lo in range(0, len(texts), SCORE_BATCH):
-                ids = [encode_prompt(self.tokenizer, t, limit) for t in texts[lo:lo + SCORE_BATCH]]
-                input_ids, mask = pad_rows(ids, pad_id(self.tokenizer), left=False)
-                try:
-                    self.base(input_ids=input_ids.to(input_device(self.base)),
-                              attention_mask=mask.to(input_device(self.base)), use_cache=False)
-                except StopForward:
-                    pass
-                states, mask = captured["states"].float().cpu(), mask.float()
-                out.append((states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
-        finally:
-            handle.remove()
+        for lo in range(0, len(texts), SCORE_BATCH):
+            ids = [encode_prompt(self.tokenizer, t, limit) for t in texts[lo:lo + SCORE_BATCH]]
+            input_ids, mask = pad_rows(ids, pad_id(self.tokenizer), left=False)
+            output = layers_below(self.base, self.layers_path, self.layer + 1, lambda: self.base(
+                input_ids=input_ids.to(input_device(self.base)), attention_mask=mask.to(input_device(self.base)),
+                use_cache=False))
+            states, mask = (output[0] if isinstance(output, tuple) else output).float().cpu(), mask.float()
+            out.append((states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
         vectors = torch.cat(out) if out else torch.zeros(0, self.width)
         return F.normalize(vectors - self.center, dim=-1) if centred else vectors
 
