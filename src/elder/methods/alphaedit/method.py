@@ -32,13 +32,15 @@ from elder.methods.alphaedit.config import AlphaEditConfig
 from elder.methods.base import EditResult
 from elder.methods.hooked import DeltaMethod
 from elder.models import cache_dir
-from elder.modules import FFN_OUTPUTS, block_module, decoder_layers_path, get_module, linear_shape, num_hidden_layers
+from elder.modules import (FFN_OUTPUTS, block_module, decoder_layers_path, get_module, layers_below, linear_shape,
+                           num_hidden_layers, replaying)
 from elder.neutral import CENTERING_TEXT
 from elder.settings import ConfigError
 from elder.subjects import guess_subject, subject_tokens
 from elder.tokens import context_limit, pad_id, pad_rows, prompt_batch, teacher_forced
 
 BAND = 4 / 32  # the authors' LLaMA3-8B layers 4-8 of 32
+STOP_LOSS = 5e-2  # the authors' compute_z stops once its loss is below this
 OPENINGS = 5  # neutral sentences put before the prompt when optimising the target vector and reading keys
 STATS_SEQUENCE = 128  # tokens each sampled text adds to the statistics
 STATS_BATCH_REPEAT = 4  # each neutral opening is sampled this many times per generate call
@@ -60,11 +62,13 @@ class AlphaEditMethod(DeltaMethod):
         super().__init__(base, tokenizer, base_name, config)
         try:
             self.paths = paths
-            self.z_path = f"{layers}.{first + config.num_layers - 1}"
+            self.layers_path, self.z_layer = layers, first + config.num_layers - 1
+            self.z_path = f"{layers}.{self.z_layer}"
             self.shapes = [linear_shape(get_module(base, p), p) for p in paths]
             self.deltas = OutputDeltas(base, paths, lambda i, o: DenseDelta(i, o))
             self.cache = [torch.zeros(d_in, d_in) for d_in, _ in self.shapes]  # C_l: earlier edits' keys, fp32
             self.projections = [self._null_space(m) for m in self._preserved_moments()]
+            self.projected = [torch.zeros(d_in, d_in) for d_in, _ in self.shapes]  # P_l C_l, kept with C_l
         except BaseException:
             if hasattr(self, "deltas"):
                 self.deltas.remove()
@@ -149,24 +153,27 @@ class AlphaEditMethod(DeltaMethod):
         start = time.perf_counter()
         subjects = [r.subject if r.subject and r.subject in r.prompt else guess_subject(r.prompt) for r in records]
         with self.deltas.active(True), torch.no_grad():
-            targets = torch.stack([self._target_vector(r, s) for r, s in zip(records, subjects)], 1)  # (d, n)
+            vectors, steps = zip(*(self._target_vector(r, s) for r, s in zip(records, subjects)))
+            targets = torch.stack(vectors, 1)  # (d, n)
             count = len(self.paths)
             for i, (path, projection) in enumerate(zip(self.paths, self.projections)):
                 (keys,) = self._keys(records, subjects, [path])  # (d_in, n)
                 current = self._states(records, subjects)  # (d, n)
                 resid = (targets - current) / (count - i)
                 eye = torch.eye(keys.shape[0])
-                update = torch.linalg.solve(projection @ (keys @ keys.T + self.cache[i]) + self.cfg.l2 * eye,
-                                            projection @ keys @ resid.T)  # (d_in, d_out)
+                projected_keys = projection @ keys
+                update = torch.linalg.solve(projected_keys @ keys.T + self.projected[i] + self.cfg.l2 * eye,
+                                            projected_keys @ resid.T)  # (d_in, d_out)
                 weight = self.deltas.deltas[i].weight
                 weight += update.T.to(weight.device, weight.dtype)
             for i, keys in enumerate(self._keys(records, subjects, self.paths)):  # the final keys, one forward
                 self.cache[i] += keys @ keys.T
+                self.projected[i] += (self.projections[i] @ keys) @ keys.T
         for record in records:
             self.records[record.id] = record.to_dict()
         checks = self.predict([r.prompt for r in records], [r.target for r in records])
         seconds = (time.perf_counter() - start) / len(records)
-        return [EditResult(r.id, seconds, self.cfg.v_steps, c.accuracy == 1.0) for r, c in zip(records, checks)]
+        return [EditResult(r.id, seconds, max(steps), c.accuracy == 1.0) for r, c in zip(records, checks)]
 
     def _texts(self, prompt: str) -> list[str]:
         """The prompt alone and after each neutral opening (the authors' context templates)."""
@@ -231,51 +238,54 @@ class AlphaEditMethod(DeltaMethod):
             handle.remove()
         return captured["h"][0, position].float().cpu()
 
-    def _target_vector(self, record: EditRecord, subject: str) -> torch.Tensor:
+    def _target_vector(self, record: EditRecord, subject: str) -> tuple[torch.Tensor, int]:
         """The state the last edited layer should give at the subject's last token: the present one plus a
-        vector optimised so the prompt (alone and after each opening) gives the target."""
+        vector optimised so the prompt (alone and after each opening) gives the target. As the authors' compute_z:
+        NLL of the target + kl_factor x KL(now || before) on "{subject} is a" + v_weight_decay x |delta| / |h|^2,
+        stopped once that loss is below STOP_LOSS, the last step scored but not taken. The layers up to the edited
+        one do not change while the vector is optimised: they run once and are replayed."""
         texts = self._texts(record.prompt)
-        essence = f"{subject} is a"
-        rows = texts + [essence]
+        rows = texts + [f"{subject} is a"]
         batch = teacher_forced(self.tokenizer, rows, [record.target] * len(texts) + [" ."], context_limit(self.base),
                                self.cfg.max_target_tokens, input_device(self.base))
         positions = torch.tensor([self._position(t, subject) for t in rows])
         current = self._layer_output(record.prompt, int(positions[0]))
-        delta = torch.zeros_like(current, requires_grad=True)
-        layer = get_module(self.base, self.z_path)
-
-        def add(module: nn.Module, args: tuple, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            hidden = hidden.clone()
-            rows_index = torch.arange(hidden.shape[0], device=hidden.device)
-            hidden[rows_index, positions.to(hidden.device)] += delta.to(hidden.device, hidden.dtype)
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
+        below = layers_below(self.base, self.layers_path, self.z_layer + 1, lambda: target_logits(self.base, batch))
         essence_token = int((batch.rows == len(texts)).nonzero()[0])  # its first target position: next token
         edit_tokens = batch.rows < len(texts)
-        reference = F.log_softmax(target_logits(self.base, batch)[essence_token].float(), -1)
+        delta = torch.zeros_like(current, requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=self.cfg.v_lr)
         bound = self.cfg.clamp_norm_factor * current.norm()
-        handle = layer.register_forward_hook(add)
-        try:
-            with torch.enable_grad():
-                for _ in range(self.cfg.v_steps):
-                    logits = target_logits(self.base, batch).float()
-                    nll = F.cross_entropy(logits[edit_tokens.to(logits.device)],
-                                          batch.target_ids[edit_tokens].to(logits.device))
-                    kl = F.kl_div(F.log_softmax(logits[essence_token], -1), reference, log_target=True,
-                                  reduction="sum")
-                    loss = nll + self.cfg.kl_factor * kl + self.cfg.v_weight_decay * delta.norm() ** 2 / \
-                        current.norm() ** 2
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    with torch.no_grad():
-                        if delta.norm() > bound:
-                            delta.mul_(bound / delta.norm())
-        finally:
-            handle.remove()
-        return current + delta.detach()
+        reference = None
+        with torch.enable_grad():
+            for step in range(self.cfg.v_steps):
+                logits = self._logits_moved(batch, below, positions, delta)
+                nll = F.cross_entropy(logits[edit_tokens.to(logits.device)],
+                                      batch.target_ids[edit_tokens].to(logits.device))
+                essence = F.log_softmax(logits[essence_token], -1)
+                if reference is None:  # delta is zero on the first step
+                    reference = essence.detach()
+                kl = F.kl_div(reference, essence, log_target=True, reduction="sum")
+                loss = nll + self.cfg.kl_factor * kl + self.cfg.v_weight_decay * delta.norm() / current.norm() ** 2
+                if loss.item() < STOP_LOSS or step == self.cfg.v_steps - 1:
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    if delta.norm() > bound:
+                        delta.mul_(bound / delta.norm())
+        return current + delta.detach(), step + 1
+
+    def _logits_moved(self, batch, below: object, positions: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Target logits of `batch` with `delta` added to the last edited layer's output at each row's position,
+        the layers up to it replayed from `below` (their output for the batch, from `layers_below`)."""
+        hidden = below[0] if isinstance(below, tuple) else below
+        at = (torch.arange(hidden.shape[0], device=hidden.device), positions.to(hidden.device))
+        moved = hidden.index_put(at, hidden[at] + delta.to(hidden.device, hidden.dtype))
+        with replaying(self.base, self.layers_path, self.z_layer + 1,
+                       (moved, *below[1:]) if isinstance(below, tuple) else moved):
+            return target_logits(self.base, batch).float()
 
     # --- state --------------------------------------------------------------------------------------
 
@@ -289,3 +299,4 @@ class AlphaEditMethod(DeltaMethod):
             for i, delta in enumerate(self.deltas.deltas):
                 delta.weight.copy_(tensors[f"delta.{i}"])
         self.cache = [tensors[f"cache.{i}"].float().cpu() for i in range(len(self.paths))]
+        self.projected = [p @ c for p, c in zip(self.projections, self.cache)]
