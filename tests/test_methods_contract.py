@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import byte_tokenizer, tiny_gpt2, tiny_llama
 
-from elder import EditRecord, ElderError, InputError
+from elder import EditRecord, ElderError, InputError, forward
 from elder.methods import (
     EditingMethod,
     EditsInContext,
@@ -283,3 +283,23 @@ def test_baselines_find_their_default_modules_in_both_block_shapes():
     assert lora.create(tiny_llama(), byte_tokenizer(), "t", {}).paths[:2] == [
         "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
     assert lora.create(tiny_gpt2(), byte_tokenizer(), "t", {}).paths[0] == "transformer.h.0.attn.c_attn"
+
+
+@pytest.mark.parametrize("name", ["ft", "grace", "melo", "memoir"])
+@pytest.mark.parametrize("gpt2", [False, True])
+def test_training_above_replayed_layers_ends_where_running_every_layer_does(name, gpt2, monkeypatch):
+    # these methods train nothing below their first layer, so train_targets runs those layers once and replays them;
+    # the trained state must be the one a run of every layer at every step reaches (MELO's keys, read in a layer
+    # below its blocks, included)
+    settings = TINY_GPT2[name] if gpt2 else TINY[name]
+    model = tiny_gpt2 if gpt2 else tiny_llama
+    edits, _ = edits_for(name, gpt2)
+    replayed = registered()[name].create(model(), byte_tokenizer(), "tiny", settings)
+    replayed_results = replayed.edit(edits)
+    every_layer = forward._replayed_logits
+    monkeypatch.setattr(forward, "_replayed_logits", lambda m, batch, first: every_layer(m, batch, 0))
+    full = registered()[name].create(model(), byte_tokenizer(), "tiny", settings)
+    full_results = full.edit(edits)
+    assert [(r.iterations, r.learned) for r in replayed_results] == [(r.iterations, r.learned) for r in full_results]
+    for key, tensor in full._tensors().items():
+        assert torch.allclose(replayed._tensors()[key], tensor, atol=1e-5), key

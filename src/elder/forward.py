@@ -3,13 +3,14 @@ Shared by every editing method whose edited model is the base model with somethi
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from elder.errors import NonFiniteLossError
+from elder.modules import decoder_layers_path, layers_below, replaying
 from elder.tokens import InputError, TeacherForced, context_limit, pad_id, prompt_batch, teacher_forced
 
 SCORE_BATCH = 16  # rows per teacher-forced scoring forward
@@ -53,14 +54,17 @@ def greedy(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: 
 
 
 def train_targets(model: nn.Module, batch: TeacherForced, parameters: Sequence[nn.Parameter], lr: float,
-                  steps: int, stop_loss: float, after_step=None) -> tuple[int, bool]:
+                  steps: int, stop_loss: float, after_step=None, first_layer: int = 0) -> tuple[int, bool]:
     """Adam on `parameters` to lower the mean target-token NLL of the batch (EasyEdit's FT objective), for at most
     `steps` steps or until the loss is below `stop_loss`; `after_step()` runs after each update (a norm
-    constraint). Returns the steps taken and whether every target token is then the argmax."""
+    constraint). Returns the steps taken and whether every target token is then the argmax. `first_layer`: the
+    lowest decoder layer the training changes; the layers below it run once and are replayed at every step (the
+    same logits, without their cost)."""
+    logits_now = _replayed_logits(model, batch, first_layer)
     optimizer = torch.optim.Adam(parameters, lr=lr)
     taken = 0
     for taken in range(1, steps + 1):
-        logits = target_logits(model, batch).float()
+        logits = logits_now().float()
         loss = F.cross_entropy(logits, batch.target_ids.to(logits.device))
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"the training loss is {loss.item()} at step {taken}; lower lr")
@@ -73,6 +77,19 @@ def train_targets(model: nn.Module, batch: TeacherForced, parameters: Sequence[n
         if after_step is not None:
             after_step()
     with torch.no_grad():
-        logits = target_logits(model, batch)
+        logits = logits_now()
     learned = bool((logits.argmax(-1) == batch.target_ids.to(logits.device)).all())
     return taken, learned
+
+
+def _replayed_logits(model: nn.Module, batch: TeacherForced, first_layer: int) -> Callable[[], torch.Tensor]:
+    """A function giving `target_logits(model, batch)`, decoder layers below `first_layer` run once and replayed."""
+    if first_layer <= 0:
+        return lambda: target_logits(model, batch)
+    layers = decoder_layers_path(model)
+    below = layers_below(model, layers, first_layer, lambda: target_logits(model, batch))
+
+    def logits() -> torch.Tensor:
+        with replaying(model, layers, first_layer, below):
+            return target_logits(model, batch)
+    return logits

@@ -31,6 +31,14 @@ def decoder_layers_path(model: nn.Module) -> str:
     return min(found, key=len)
 
 
+def layer_of(model: nn.Module, path: str) -> int:
+    """The decoder layer a module path lies in (`model.layers.7.mlp.down_proj` -> 7)."""
+    layers = decoder_layers_path(model)
+    if not path.startswith(layers + "."):
+        raise ConfigError(f"module {path!r} is not inside a decoder layer of {layers!r}")
+    return int(path[len(layers) + 1:].split(".")[0])
+
+
 def linear_shape(module: nn.Module, path: str) -> tuple[int, int]:
     """(in_features, out_features) of an nn.Linear or a GPT-2 Conv1D."""
     if isinstance(module, nn.Linear):

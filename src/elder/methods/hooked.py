@@ -82,9 +82,11 @@ class HookedMethod(EditingMethod):
     def _load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore `_tensors()` output (shapes already checked against a fresh editor's)."""
 
-    def _fit(self, records: Sequence[EditRecord], parameters: list[nn.Parameter], after_step=None) -> list[EditResult]:
+    def _fit(self, records: Sequence[EditRecord], parameters: list[nn.Parameter], after_step=None,
+             first_layer: int = 0) -> list[EditResult]:
         """Train `parameters` (with the hooks on) on each batch of edits in turn: the prompt and the rephrases a
-        record carries, its target teacher-forced; a batch whose loss turns non-finite is undone and raises."""
+        record carries, its target teacher-forced; a batch whose loss turns non-finite is undone and raises.
+        `first_layer`: the lowest decoder layer the parameters change (the layers below are replayed)."""
         self._check_new(records)
         cfg, results = self.cfg, []
         for lo in range(0, len(records), cfg.batch_size):
@@ -98,7 +100,7 @@ class HookedMethod(EditingMethod):
             try:
                 with self._training(batch_records), torch.enable_grad():
                     steps, learned = train_targets(self.base, batch, parameters, cfg.lr, cfg.steps, cfg.stop_loss,
-                                                   after_step)
+                                                   after_step, first_layer)
             except NonFiniteLossError:
                 with torch.no_grad():
                     for p, b in zip(parameters, before):

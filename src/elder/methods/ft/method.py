@@ -13,7 +13,7 @@ from elder.deltas import DenseDelta, OutputDeltas
 from elder.methods.base import EditResult
 from elder.methods.ft.config import FTConfig
 from elder.methods.hooked import DeltaMethod
-from elder.modules import ffn_output_path
+from elder.modules import ffn_output_path, layer_of
 
 BAND = 21 / 32  # EasyEdit tunes layer 21 of LLaMA-7B's 32
 
@@ -36,7 +36,7 @@ class FTMethod(DeltaMethod):
 
     def edit(self, records: Sequence[EditRecord]) -> list[EditResult]:
         """Train the layer's delta on each batch of edits in turn."""
-        return self._fit(records, self.deltas.parameters(), self._constrain)
+        return self._fit(records, self.deltas.parameters(), self._constrain, layer_of(self.base, self.path))
 
     def _constrain(self) -> None:
         if self.cfg.norm_constraint is not None:

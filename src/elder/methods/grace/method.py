@@ -17,7 +17,7 @@ from elder.forward import input_device, train_targets
 from elder.methods.base import EditResult, Forgets, MethodError, TunesThreshold
 from elder.methods.grace.config import GraceConfig
 from elder.methods.hooked import HookedMethod, StateFormatError, Use
-from elder.modules import ffn_output_path, get_module, linear_shape
+from elder.modules import ffn_output_path, get_module, layer_of, linear_shape
 from elder.tokens import context_limit, encode_prompt, teacher_forced
 
 BAND = 27 / 32  # EasyEdit edits layer 27 of LLaMA-7B's 32
@@ -131,7 +131,7 @@ class GraceMethod(HookedMethod, TunesThreshold, Forgets):
             self._call["value"] = value
             try:
                 steps, learned = train_targets(self.base, batch, [value], self.cfg.lr, self.cfg.steps,
-                                               self.cfg.stop_loss)
+                                               self.cfg.stop_loss, first_layer=layer_of(self.base, self.path))
             except NonFiniteLossError:
                 self._unplace(index, record.id)
                 raise

@@ -20,7 +20,7 @@ from elder.forward import input_device, train_targets
 from elder.methods.base import EditResult, Forgets, MethodError, TunesThreshold
 from elder.methods.hooked import HookedMethod, StateFormatError, Use
 from elder.methods.melo.config import MeloConfig
-from elder.modules import block_module, decoder_layers_path, get_module, linear_shape, num_hidden_layers
+from elder.modules import block_module, decoder_layers_path, get_module, layer_of, linear_shape, num_hidden_layers
 from elder.settings import ConfigError
 from elder.tokens import context_limit, encode_prompt, teacher_forced
 
@@ -158,7 +158,7 @@ class MeloMethod(HookedMethod, TunesThreshold, Forgets):
         try:
             with self._edits(prompts, True, train_block=block) as use, torch.enable_grad():
                 steps, learned = train_targets(self.base, batch, params, self.cfg.lr, self.cfg.steps,
-                                               self.cfg.stop_loss)
+                                               self.cfg.stop_loss, first_layer=layer_of(self.base, self.paths[0]))
         except NonFiniteLossError:
             for index in range(len(self.paths)):
                 self.A[index].pop(), self.B[index].pop()

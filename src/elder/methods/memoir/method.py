@@ -19,7 +19,7 @@ from elder.forward import input_device, train_targets
 from elder.methods.base import EditResult, Forgets, MethodError, TunesThreshold
 from elder.methods.hooked import HookedMethod, StateFormatError, Use
 from elder.methods.memoir.config import ACTIVE_FRACTION, MemoirConfig
-from elder.modules import ffn_output_path, get_module, linear_shape
+from elder.modules import ffn_output_path, get_module, layer_of, linear_shape
 from elder.neutral import CENTERING_TEXT
 from elder.settings import ConfigError
 from elder.tokens import context_limit, encode_prompt, pad_id, pad_rows, teacher_forced
@@ -147,8 +147,9 @@ class MemoirMethod(HookedMethod, TunesThreshold, Forgets):
         memory = nn.Parameter(self.memory.clone())
         with self._edits(prompts, True, training=True) as use, torch.enable_grad():
             self._call["memory"] = memory
-            steps, learned = train_targets(self.base, batch, [memory], self.cfg.lr, self.cfg.steps,
-                                           self.cfg.stop_loss)  # a non-finite loss raises before W is written
+            # a non-finite loss raises before W is written
+            steps, learned = train_targets(self.base, batch, [memory], self.cfg.lr, self.cfg.steps, self.cfg.stop_loss,
+                                           first_layer=layer_of(self.base, self.path))
         with torch.no_grad():
             self.memory = memory.detach()
         self.masks = torch.cat([self.masks, use.mask[:1].to(self.masks.device)])
