@@ -54,7 +54,8 @@ def main() -> None:
     records = list(load_benchmark(args.data, limit=args.edits).records)
     print(json.dumps(machine_facts(base)))
     print(f"{len(records)} edits per run, {args.rounds} runs of each way")
-    print("| method | s/edit, layers below replayed | s/edit, every layer every step | ratio | same steps and learned |")
+    print("| method | s/edit, layers below replayed | s/edit, every layer every step | ratio "
+          "| same steps and learned |")
     print("|---|---|---|---|---|")
     for name in args.methods.split(","):
         times: dict[bool, list[float]] = {True: [], False: []}

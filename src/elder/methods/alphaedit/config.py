@@ -1,8 +1,8 @@
 """Settings of AlphaEdit, with the authors' LLaMA3-8B defaults as EasyEdit runs them (hparams/AlphaEdit: the FFN
 output linears of layers 4-8 of 32, the subject's last token, the target vector optimised at the last of them for
 at most 25 steps (lr 0.1, here 1.0: see v_lr) with weight decay 0.5, a norm clamp of 0.75 and a KL weight of
-0.0625, L2 10, null space below eigenvalue 2e-2), scaled to the model's depth; the preserved-knowledge statistics come from text the base model
-writes itself (the authors use 100,000 Wikipedia samples)."""
+0.0625, L2 10, null space below eigenvalue 2e-2), scaled to the model's depth; the preserved-knowledge statistics
+come from text the base model writes itself (the authors use 100,000 Wikipedia samples)."""
 
 from __future__ import annotations
 
