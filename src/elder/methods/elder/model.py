@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from elder.forward import head_logits
 from elder.methods.base import Answer, MethodError
 from elder.methods.elder.codebank import CodeBank
 from elder.methods.elder.config import ElderConfig
@@ -369,9 +370,7 @@ class ElderModel:
             route = session.route
         else:
             hidden, route = self.base.base_model(**kwargs).last_hidden_state, None
-        head = self.base.get_output_embeddings()
-        picked = hidden[batch.rows.to(hidden.device), batch.cols.to(hidden.device)]
-        return head(picked.to(head.weight.device)), route
+        return head_logits(self.base, hidden, batch.rows, batch.cols), route
 
     @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int = 16, use_memory: bool = True) -> list[Answer]:

@@ -30,7 +30,7 @@ from transformers.activations import ACT2FN
 
 from elder.data import EditRecord
 from elder.errors import NonFiniteLossError
-from elder.forward import input_device
+from elder.forward import head_logits, input_device
 from elder.methods.base import EditResult, TunesThreshold
 from elder.methods.hooked import HookedMethod, StateFormatError, Use
 from elder.methods.wise.config import WiseConfig
@@ -199,7 +199,6 @@ class WiseMethod(HookedMethod, TunesThreshold):
         delta = nn.Parameter(start)
         optimizer = torch.optim.SGD([delta], lr=cfg.lr, weight_decay=cfg.weight_decay)
         alpha, beta, gamma = cfg.alpha, cfg.beta, cfg.gamma
-        head = self.base.get_output_embeddings()
         last = previous = float("inf")
 
         def forward() -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +208,7 @@ class WiseMethod(HookedMethod, TunesThreshold):
                     hidden = self.base.base_model(**kwargs).last_hidden_state
             finally:
                 call, self._call = self._call, None
-            logits = head(hidden[rows.to(hidden.device), cols.to(hidden.device)].to(head.weight.device)).float()
+            logits = head_logits(self.base, hidden, rows, cols).float()
             return logits, call["scores"]
 
         taken = 0
