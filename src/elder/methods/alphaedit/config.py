@@ -28,8 +28,8 @@ class AlphaEditConfig(MethodConfig):
                 "authors') or 'last' (the prompt's last token, ROME's other choice)"})
     v_lr: float = field(default=1.0, metadata={
         "help": "Adam learning rate of the target vector (the authors' 0.1, scaled to SmolLM2-135M: its residual "
-                "stream at the edited layer has a norm near 100 over 576 dimensions, and at 0.1 the vector reaches a "
-                "third of its bound in 25 steps, the target unlearned; see the README)"})
+                "stream at the edited layer is large for its 576 dimensions, and at 0.1 the vector moves too little "
+                "in 25 steps: Rel 29.2 against 89.2 on 30 validation edits; see the README)"})
     v_steps: int = field(default=25, metadata={
         "help": "optimisation steps of the target vector, at most (the authors' early stop ends them once the loss is "
                 "below 0.05)"})
