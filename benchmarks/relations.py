@@ -9,7 +9,8 @@ same subject" (another relation's template of CounterFact filled with the record
 CounterFact records of `counterfact_rome_3802.json` whose subjects are not in `counterfact_rome_full_864.json` (the
 test file), and prints, per layer (the residual stream at the last prompt token, and ELDER's routing query), the
 share of each kind whose cosine similarity to the edit prompt's state, centred on the mean edit prompt, reaches each
-threshold.
+threshold. A last row asks the same of the base model's next-token distribution after the prompt (does the model
+expect the same kind of answer?), by the Bhattacharyya coefficient of the two distributions.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def probes(records: list[dict], seed: int = 0) -> list[tuple[str, list[str], lis
 
 
 def last_states(model: ElderModel, prompts: list[str], layers: list[int]) -> dict[str, torch.Tensor]:
-    """Per layer, the residual stream entering it at each prompt's last token, and ELDER's query there."""
+    """Per layer, the residual stream entering it at each prompt's last token, ELDER's query there, and the base
+    model's next-token distribution after the prompt."""
     tokenizer = model.tokenizer
     captured: dict[str, torch.Tensor] = {}
     handles = []
@@ -58,7 +60,7 @@ def last_states(model: ElderModel, prompts: list[str], layers: list[int]) -> dic
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     try:
-        model.base(**batch)
+        captured["answer distribution"] = torch.softmax(model.base(**batch).logits[:, -1].float(), -1)
     finally:
         for handle in handles:
             handle.remove()
@@ -94,8 +96,11 @@ def main() -> None:
     print("| state | prompts | " + " | ".join(f">= {t}" for t in THRESHOLDS) + " |")
     print("|---|---|" + "---|" * len(THRESHOLDS))
     for key in states["edit"]:
-        center = states["edit"][key].mean(0)
-        unit = lambda x: torch.nn.functional.normalize(x - center, dim=-1)  # noqa: E731
+        if key == "answer distribution":  # Bhattacharyya coefficient: sum of sqrt(p q)
+            unit = torch.sqrt
+        else:
+            center = states["edit"][key].mean(0)
+            unit = lambda x, center=center: torch.nn.functional.normalize(x - center, dim=-1)  # noqa: E731
         edits = unit(states["edit"][key])
         for kind in ("paraphrase", "other question"):
             sims = (unit(states[kind][key]) * edits[owner[kind]]).sum(-1)
