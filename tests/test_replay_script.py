@@ -7,21 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import byte_tokenizer, tiny_llama
-
 from elder.data import EditRecord, write_edits
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "replay.py"
 
 
-def test_replay_script_prints_both_ways_with_the_same_outcomes(tmp_path):
-    model = tmp_path / "tiny"
-    tiny_llama().save_pretrained(model)
-    byte_tokenizer().save_pretrained(model)
+def test_replay_script_prints_both_ways_with_the_same_outcomes(tmp_path, tiny_dir):
     data = tmp_path / "edits.jsonl"
     write_edits(data, [EditRecord(f"e{i}", f"Q{i}: sky?", "violet") for i in range(2)])
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--data", f"jsonl:{data}", "--model", str(model), "--edits", "2",
+        [sys.executable, str(SCRIPT), "--data", f"jsonl:{data}", "--model", str(tiny_dir), "--edits", "2",
          "--methods", "grace,ft", "--rounds", "1"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
