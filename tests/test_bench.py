@@ -364,3 +364,38 @@ def test_bad_settings_or_data_fail_before_the_run_folder_is_claimed(bench_setup,
         run_bench(settings_for(model, data, edits=50), out, progress=False)
     assert not out.exists()
     run_bench(settings_for(model, data, edits=2), out, progress=False, echo=lambda s: None)  # the folder is free
+
+
+def test_the_report_shows_each_method_as_it_finishes_and_elder_report_writes_it_after_a_stop(bench_setup, tmp_path,
+                                                                                              monkeypatch):
+    model, data = bench_setup
+    quick = {"lr": 1e-2, "steps": 100, "stop_loss": 1e-3}
+    settings = settings_for(model, data, edits=2, methods=("ft", "lora"), method_settings={"ft": quick, "lora": quick})
+    out = tmp_path / "run"
+    real = harness._run_method
+
+    def stop_at_lora(name, *args, **kwargs):
+        if name == "lora":
+            raise KeyboardInterrupt
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "_run_method", stop_at_lora)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(settings, out, progress=False, echo=lambda s: None)
+    written = (out / "report.md").read_text()
+    assert "| ft |" in written and "| lora |" not in written and "Not finished yet: lora" in written
+    (out / "report.md").unlink()
+    result = CliRunner().invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "report.md").read_text() == written
+    monkeypatch.setattr(harness, "_run_method", real)
+    run_bench(settings, out, progress=False, echo=lambda s: None)
+    finished = (out / "report.md").read_text()
+    assert "| ft |" in finished and "| lora |" in finished and "Not finished" not in finished
+    for folder, reason in ((tmp_path / "nothing", "holds no readable run"),
+                           (tmp_path / "claimed", "has finished yet")):
+        if reason == "has finished yet":
+            (folder / "ft").mkdir(parents=True)
+            (folder / "settings.json").write_text((out / "settings.json").read_text())
+        refused = CliRunner().invoke(app, ["report", str(folder)])
+        assert refused.exit_code != 0 and reason in refused.output, refused.output

@@ -317,3 +317,16 @@ def bench(
     except ElderError as error:
         _fail(error)
     typer.echo(f"report: {out / 'report.md'}")
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Argument(help="run folder of `elder bench`")],
+) -> None:
+    """Write a run's report from the methods that have finished (while later ones still run, or after a stop)."""
+    from elder.evaluation.harness import report_run
+
+    try:
+        typer.echo(f"report: {report_run(out)}")
+    except ElderError as error:
+        _fail(error)

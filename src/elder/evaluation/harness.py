@@ -122,9 +122,34 @@ def run_bench(settings: BenchSettings, out: str | os.PathLike, progress: bool = 
         folder.mkdir(exist_ok=True)
         results[name], base = _run_method(name, settings, folder, out / "base", test, validation, base, tokenizer,
                                           base_name, progress, echo)
-    summary = {"format": RUN_FORMAT, "settings": settings.to_dict(), "machine": machine_facts(base),
+        summary = _write_summary(out, settings, test, machine_facts(base), results)  # each finished method shows
+    return summary
+
+
+def report_run(out: str | os.PathLike) -> Path:
+    """Write the report of a run folder from the methods that have finished, also while later ones still run or
+    after the run was stopped; returns the report's path."""
+    out = Path(out)
+    try:
+        saved = json.loads((out / "settings.json").read_text())
+        settings = BenchSettings(**{**saved, "methods": tuple(saved["methods"])})
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise RunError(f"{out} holds no readable run (settings.json: {err})") from None
+    results = {name: json.loads((out / name / "summary.json").read_text()) for name in settings.methods
+               if (out / name / "summary.json").is_file()}
+    if not results:
+        raise RunError(f"no method of the run in {out} has finished yet")
+    test, _ = _splits(settings)
+    machine = next((r["machine"] for r in results.values() if "machine" in r), None)
+    _write_summary(out, settings, test, machine or machine_facts(), results)  # runs before 'machine' was kept
+    return out / "report.md"
+
+
+def _write_summary(out: Path, settings: BenchSettings, test, machine: dict, results: dict) -> dict:
+    """summary.json and report.md for the methods in `results`; the run's other methods are listed as pending."""
+    summary = {"format": RUN_FORMAT, "settings": settings.to_dict(), "machine": machine,
                "test": {"data": settings.data, "edits": len(test), "first_id": test[0].id, "last_id": test[-1].id},
-               "methods": results}
+               "methods": dict(results), "pending": [name for name in settings.methods if name not in results]}
     files.write_json(out / "summary.json", summary)
     from elder.evaluation.report import write_report  # matplotlib only when a report is written
 
@@ -250,6 +275,7 @@ def _run_method(name: str, settings: BenchSettings, folder: Path, base_folder: P
             result["immediate"] = summarize([score_from_dict(line["immediate"]) for line in _read_lines(folder / "edits.jsonl")])
         if settings.protocol == "curve":
             result["curve"] = _read_lines(folder / "curve.jsonl")
+        result["machine"] = machine_facts(base)
         result["wall_seconds_this_invocation"] = clock.laps  # phases cached by an earlier invocation take ~0 s
         files.write_json(folder / "summary.json", result)
         final = result["final"]

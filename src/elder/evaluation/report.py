@@ -61,7 +61,10 @@ def markdown(summary: dict, out_folder: Path) -> str:
     test = summary["test"]
     variant = (f"the edit prompt and the first {s['train_rephrases']:g} of its rephrases" if s["train_rephrases"]
                else "the edit prompt only")
+    pending = summary.get("pending") or []
     lines = [f"# elder bench: {test['edits']} sequential edits of {s['data']}", "",
+             *([f"Not finished yet: {', '.join(pending)} (this report is rewritten as each method finishes; "
+                "`elder report RUN_DIR` writes it from the methods finished so far).", ""] if pending else []),
              f"Protocol `{s['protocol']}`; training on {variant}; "
              f"model {s['model'] or 'smollm2-135m (embedded)'}; machine: {summary['machine']['platform']}, "
              f"{summary['machine']['cpu_count']} CPUs, torch {summary['machine']['torch']}"
