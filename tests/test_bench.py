@@ -392,10 +392,10 @@ def test_the_report_shows_each_method_as_it_finishes_and_elder_report_writes_it_
     run_bench(settings, out, progress=False, echo=lambda s: None)
     finished = (out / "report.md").read_text()
     assert "| ft |" in finished and "| lora |" in finished and "Not finished" not in finished
-    for folder, reason in ((tmp_path / "nothing", "holds no readable run"),
-                           (tmp_path / "claimed", "has finished yet")):
-        if reason == "has finished yet":
-            (folder / "ft").mkdir(parents=True)
-            (folder / "settings.json").write_text((out / "settings.json").read_text())
+    (tmp_path / "claimed" / "ft").mkdir(parents=True)
+    (tmp_path / "claimed" / "settings.json").write_text((out / "settings.json").read_text())
+    (out / "lora" / "summary.json").write_text('{"final": ')  # cut short
+    for folder, reason in ((tmp_path / "nothing", "holds no readable run"), (tmp_path / "claimed", "has finished yet"),
+                           (out, "summary.json is damaged")):
         refused = CliRunner().invoke(app, ["report", str(folder)])
         assert refused.exit_code != 0 and reason in refused.output, refused.output

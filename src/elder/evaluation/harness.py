@@ -135,8 +135,14 @@ def report_run(out: str | os.PathLike) -> Path:
         settings = BenchSettings(**{**saved, "methods": tuple(saved["methods"])})
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise RunError(f"{out} holds no readable run (settings.json: {err})") from None
-    results = {name: json.loads((out / name / "summary.json").read_text()) for name in settings.methods
-               if (out / name / "summary.json").is_file()}
+    results = {}
+    for name in settings.methods:
+        path = out / name / "summary.json"
+        if path.is_file():
+            try:
+                results[name] = json.loads(path.read_text())
+            except ValueError as err:
+                raise RunError(f"{path} is damaged ({err}); run the method again with elder bench") from None
     if not results:
         raise RunError(f"no method of the run in {out} has finished yet")
     test, _ = _splits(settings)
