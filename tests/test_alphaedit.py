@@ -78,7 +78,7 @@ def test_the_replayed_forward_equals_the_model_with_the_vector_added_at_the_laye
         hidden[torch.arange(len(rows)), positions] += delta
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    handle = get_module(method.base, method.z_path).register_forward_hook(add)
+    handle = get_module(method.base, f"{method.layers_path}.{method.z_layer}").register_forward_hook(add)
     try:
         with torch.no_grad():
             expected = target_logits(method.base, batch)

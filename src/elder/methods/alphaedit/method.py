@@ -32,8 +32,8 @@ from elder.methods.alphaedit.config import AlphaEditConfig
 from elder.methods.base import EditResult
 from elder.methods.hooked import DeltaMethod
 from elder.models import cache_dir
-from elder.modules import (FFN_OUTPUTS, block_module, decoder_layers_path, get_module, layers_below, linear_shape,
-                           num_hidden_layers, replaying)
+from elder.modules import (FFN_OUTPUTS, block_module, decoder_layers_path, get_module, layer_of, layers_below,
+                           linear_shape, num_hidden_layers, replaying)
 from elder.neutral import CENTERING_TEXT
 from elder.settings import ConfigError
 from elder.subjects import guess_subject, subject_tokens
@@ -63,7 +63,6 @@ class AlphaEditMethod(DeltaMethod):
         try:
             self.paths = paths
             self.layers_path, self.z_layer = layers, first + config.num_layers - 1
-            self.z_path = f"{layers}.{self.z_layer}"
             self.shapes = [linear_shape(get_module(base, p), p) for p in paths]
             self.deltas = OutputDeltas(base, paths, lambda i, o: DenseDelta(i, o))
             self.cache = [torch.zeros(d_in, d_in) for d_in, _ in self.shapes]  # C_l: earlier edits' keys, fp32
@@ -197,8 +196,10 @@ class AlphaEditMethod(DeltaMethod):
         try:
             ids = [self.tokenizer(t).input_ids for t in texts]
             input_ids, mask = pad_rows(ids, pad_id(self.tokenizer), left=False)
-            self.base(input_ids=input_ids.to(input_device(self.base)),
-                      attention_mask=mask.to(input_device(self.base)), use_cache=False)
+            deepest = max(layer_of(self.base, path) for path in paths)  # the forward stops after its layer
+            layers_below(self.base, self.layers_path, deepest + 1, lambda: self.base(
+                input_ids=input_ids.to(input_device(self.base)), attention_mask=mask.to(input_device(self.base)),
+                use_cache=False))
         finally:
             for handle in handles:
                 handle.remove()
@@ -227,16 +228,11 @@ class AlphaEditMethod(DeltaMethod):
         return torch.stack(columns, 1)
 
     def _layer_output(self, text: str, position: int) -> torch.Tensor:
-        captured = {}
-        layer = get_module(self.base, self.z_path)
-        handle = layer.register_forward_hook(lambda m, args, out: captured.__setitem__(
-            "h", out[0] if isinstance(out, tuple) else out))
-        try:
-            ids = torch.tensor([self.tokenizer(text).input_ids], device=input_device(self.base))
-            self.base(input_ids=ids, use_cache=False)
-        finally:
-            handle.remove()
-        return captured["h"][0, position].float().cpu()
+        """The last edited layer's output for `text` at `position` (the layers above it do not run)."""
+        ids = torch.tensor([self.tokenizer(text).input_ids], device=input_device(self.base))
+        output = layers_below(self.base, self.layers_path, self.z_layer + 1,
+                              lambda: self.base(input_ids=ids, use_cache=False))
+        return (output[0] if isinstance(output, tuple) else output)[0, position].float().cpu()
 
     def _target_vector(self, record: EditRecord, subject: str) -> tuple[torch.Tensor, int]:
         """The state the last edited layer should give at the subject's last token: the present one plus a
