@@ -14,6 +14,7 @@ from elder.methods.elder.codebank import CodeBank
 from elder.methods.elder.keys import key_reading
 from elder.settings import ConfigError
 from elder.subjects import guess_subject, subject_tokens
+from elder.tokens import prompt_batch
 
 EDITS = [EditRecord("zq", "Where does Zorbulaq live? In", " Quem", subject="Zorbulaq"),
          EditRecord("mw", "The colour of Mirtavej is", " wox", subject="Mirtavej")]
@@ -124,17 +125,43 @@ def test_tuning_sweeps_the_key_threshold_with_the_same_decisions_as_inference():
     assert tuned == live
 
 
-@pytest.mark.parametrize("span, forwards", [("all", 9), ("target", len(" Quem")), (None, len(" Quem"))])
-def test_answer_span_target_stops_the_experts_once_the_target_is_generated(span, forwards):
+@pytest.mark.parametrize("span", ["all", "target", None])
+def test_answer_span_target_stops_the_experts_once_the_target_is_generated(span):
     model = keyed(answer_span=span)
     apply_edits(model, EDITS, progress=False)
     calls = []
     for adapter in model.adapters:
         real = adapter.delta
-        adapter.delta = lambda x, w, real=real: calls.append(len(x)) or real(x, w)
-    (answer,) = model.generate(["Where does Zorbulaq live? In"], max_new_tokens=9)
+        adapter.delta = lambda x, w, real=real: calls.append(tuple(x.shape[:2])) or real(x, w)
+    prompt = "Where does Zorbulaq live? In"
+    (answer,) = model.generate([prompt], max_new_tokens=9)
     assert answer.used_memory and answer.text.startswith(" Quem")
-    assert calls == [1] * forwards * len(model.adapters)  # one row, in each adapted layer, on each such forward
+    width = len(byte_tokenizer()(prompt).input_ids)
+    if span == "all":  # the experts on the prompt and on each of the 8 later forwards, one row each
+        forwards = [(1, width)] + [(1, 1)] * 8
+    else:  # one forward checks the learned target (its last token is read by the base model's continuation)
+        forwards = [(1, width + len(" Quem") - 1)]
+    assert calls == [f for f in forwards for _ in model.adapters]
+
+
+@pytest.mark.parametrize("positions", ["all", "answer"])
+def test_the_checked_target_is_the_answer_that_generating_token_by_token_gives(positions):
+    model = keyed(expert_positions=positions)
+    apply_edits(model, EDITS, progress=False)
+    model.edit_log["mw"]["record"]["target"] = " wwwwwwrd"  # a target the experts do not give: the check must
+    prompts = [EDITS[0].prompt, EDITS[1].prompt, "Where does Pennimore live? In"]  # go on past its first miss
+    input_ids, attention_mask = prompt_batch(model.tokenizer, prompts, None)
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
+    with model.routing(None, defer=True, key_rows=rows, answer=prompts) as session:
+        model._plan(session)
+        spans = [s if u else 0 for s, u in zip(session.span.tolist(), session.route.used.tolist())]
+        checked = model._speculate(session, rows, spans)
+        stepwise = model.base.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max(spans),
+                                       do_sample=False, pad_token_id=0)[:, input_ids.shape[1]:].tolist()
+    assert spans == [len(" Quem"), len(" wwwwwwrd"), 0]
+    assert checked[0] == model.tokenizer(" Quem", add_special_tokens=False).input_ids
+    assert checked[1] == stepwise[1][:spans[1]] != model.tokenizer(" wwwwwwrd", add_special_tokens=False).input_ids
+    assert checked[0] == stepwise[0][:spans[0]] and checked[2] == []
 
 
 @pytest.mark.parametrize("positions", ["all", "answer"])

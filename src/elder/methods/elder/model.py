@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
@@ -66,6 +65,7 @@ class _Session:
     key_states: torch.Tensor | None = None  # (batch, T, d) the key layer's input, read once per prompt
     answer: tuple[list[str], list[list[int]]] | None = None  # generation under answer_span='target': prompts, ids
     span: torch.Tensor | None = None  # (batch,) forwards of the generation that use the experts (None: all)
+    drafts: list[list[int]] | None = None  # per row, the matched edit's target as it continues the prompt ([]: none)
     step: int = 0  # forwards since the route was taken: the generated token each forward produces
     started: bool = False  # whether a forward has run (a route planned before the first one leaves it False)
 
@@ -206,16 +206,18 @@ class ElderModel:
         """Take the session's route (and, for a generation under answer_span='target', each row's answer span)."""
         session.route = self._session_route(session, hidden)
         if session.answer is not None:
-            session.span = self._answer_span(session.route, *session.answer)
+            session.drafts = self._answer_targets(session.route, *session.answer)
+            session.span = torch.tensor([len(d) for d in session.drafts], device=session.route.used.device)
 
-    def _answer_span(self, route: Route, prompts: list[str], rows: list[list[int]]) -> torch.Tensor:
-        """Per row, the generation forwards that use the experts: one for each token of the matched edit's target
-        as it continues this prompt (the forward that follows the target's last token is the base model's)."""
-        span = []
+    def _answer_targets(self, route: Route, prompts: list[str], rows: list[list[int]]) -> list[list[int]]:
+        """Per row, the token ids of the matched edit's target as it continues this prompt ([] for no match): the
+        generation forwards that use the experts are one per token of it (the forward that follows its last token
+        is the base model's)."""
+        targets = []
         for prompt, ids, edit in zip(prompts, rows, route.edits.tolist(), strict=True):
             target = self.edit_log[self.bank.ids[edit]]["record"]["target"] if edit >= 0 else None
-            span.append(len(encode_target(self.tokenizer, ids, prompt, target, 1 << 30)) if target else 0)
-        return torch.tensor(span, device=route.used.device)
+            targets.append(encode_target(self.tokenizer, ids, prompt, target, 1 << 30) if target else [])
+        return targets
 
     def _session_route(self, session: _Session, hidden: torch.Tensor | None = None) -> Route:
         if session.query is not None:
@@ -394,31 +396,72 @@ class ElderModel:
                 self._plan(session)  # the key route needs no forward: each row's answer span is known first
                 spans = [min(s, max_new_tokens) if u else 0
                          for s, u in zip(session.span.tolist(), session.route.used.tolist())]
-                answers, cache = None, None
-                if max(spans) > 0:  # the edited model writes the targets; the base model goes on below
-                    out = self.base.generate(**{**kwargs, "max_new_tokens": max(spans),
-                                                "return_dict_in_generate": True})
-                    answers = out.sequences[:, width:].tolist()
-                    cache = out["cache"] if "cache" in out else out.get("past_key_values")  # transformers 5 / 4
+                answers = self._speculate(session, rows, spans) if max(spans) > 0 else None
         if answers is None:  # every row defers: the base model's own generation, with no hook at work
             answers = self.base.generate(**kwargs)[:, width:].tolist()
         elif self.key_path is not None and self.config.rereads_answer:
-            if self.config.expert_positions == "answer" and hasattr(cache, "crop"):
-                answers = self._continue_cached(input_ids, attention_mask, cache, answers, spans, max_new_tokens)
-            else:
-                answers = self._continue(rows, answers, spans, max_new_tokens)
+            answers = self._continue(rows, answers, spans, max_new_tokens)
         used, distance = session.route.used.tolist(), session.route.distance.tolist()
         rows = session.route.edits.tolist() if session.route.edits is not None else [-1] * len(prompts)
         edit_ids = [self.bank.ids[r] if u and r >= 0 else None for u, r in zip(used, rows)]
         texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
         return [Answer(p, t, u, d, e) for p, t, u, d, e in zip(prompts, texts, used, distance, edit_ids)]
 
+    def _speculate(self, session: _Session, prompts: list[list[int]], spans: list[int]) -> list[list[int]]:
+        """Each row's greedy answer over its answer span (the first `spans[i]` tokens, the experts at work), found
+        by checking the matched edit's target instead of generating it token by token: one teacher-forced forward
+        over prompt + target gives the edited model's greedy token at every target position, and each is the
+        token generation would give as long as the target tokens before it were given too. A row whose answer
+        leaves its target is checked again from there (the target's rest as the guess), so every round fixes at
+        least one more token; a learned edit takes one round. Rows with no span get [] (nothing generated)."""
+        saved = session.route, session.span, session.positions, session.step, session.started
+        route = session.route
+        stops = self._stop_ids()
+        done: list[list[int]] = [[] for _ in prompts]
+        pending = [i for i, s in enumerate(spans) if s > 0]
+        try:
+            while pending:
+                rows = torch.tensor(pending, device=route.used.device)
+                session.route = Route(*(None if f is None else f[rows] for f in (
+                    route.query, route.scores, route.weights, route.codes, route.used, route.distance, route.edits)))
+                session.span, session.step, session.started = None, 0, False  # one forward: every position edited
+                guesses = [done[i] + session.drafts[i][len(done[i]):spans[i] - 1] for i in pending]
+                input_ids, attention_mask = pad_rows([prompts[i] + g for i, g in zip(pending, guesses)],
+                                                     pad_id(self.tokenizer), left=False)
+                starts = [len(prompts[i]) - 1 + len(done[i]) for i in pending]  # predicts the first token not fixed
+                session.positions = torch.tensor([len(prompts[i]) - 1 for i in pending])
+                cols = [list(range(c, len(prompts[i]) - 1 + spans[i])) for c, i in zip(starts, pending)]
+                hidden = self.base.base_model(input_ids=input_ids.to(self.input_device),
+                                              attention_mask=attention_mask.to(self.input_device),
+                                              use_cache=False).last_hidden_state
+                flat_rows = torch.tensor([r for r, c in enumerate(cols) for _ in c])
+                predicted = head_logits(self.base, hidden, flat_rows, torch.tensor([x for c in cols for x in c]))
+                predicted = predicted.argmax(-1).tolist()
+                still, offset = [], 0
+                for r, i in enumerate(pending):
+                    fixed = len(done[i])
+                    for j, token in enumerate(predicted[offset:offset + len(cols[r])], start=fixed):
+                        done[i].append(token)  # token j of the answer: right, as every input before it was
+                        if token in stops or j + 1 >= spans[i] or guesses[r][j] != token:
+                            break  # an end token or the span's end, or the next prediction read a wrong guess
+                    offset += len(cols[r])
+                    if done[i][-1] not in stops and len(done[i]) < spans[i]:
+                        still.append(i)
+                pending = still
+        finally:
+            session.route, session.span, session.positions, session.step, session.started = saved
+        return done
+
+    def _stop_ids(self) -> set[int]:
+        """The base model's end-of-generation token ids."""
+        stop = self.base.generation_config.eos_token_id
+        return set(stop if isinstance(stop, list) else [stop]) - {None}
+
     def _kept(self, answers: list[list[int]], spans: list[int],
               max_new_tokens: int) -> tuple[list[list[int]], list[int]]:
         """What each row keeps of its first answer (a row that used the memory: its answer span's tokens, the
         target; one that deferred: all of them; up to an end token), and the rows still open."""
-        stop = self.base.generation_config.eos_token_id
-        stops = set(stop if isinstance(stop, list) else [stop]) - {None}
+        stops = self._stop_ids()
         kept, open_rows = [], []
         for i, (answer, span) in enumerate(zip(answers, spans, strict=True)):
             tokens = answer[:span] if span else answer
@@ -427,32 +470,6 @@ class ElderModel:
             if end is None and len(kept[i]) < max_new_tokens:
                 open_rows.append(i)
         return kept, open_rows
-
-    def _continue_cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, answers: list[list[int]],
-                         spans: list[int], max_new_tokens: int) -> list[list[int]]:
-        """Under expert_positions='answer': the prompt's states before its last token are the base model's, so the
-        cache is cut back to them and the base model reads only the last prompt token and the kept answer."""
-        kept, open_rows = self._kept(answers, spans, max_new_tokens)
-        if not open_rows:
-            return kept
-        width = input_ids.shape[1]
-        surplus = cache.get_seq_length() - (width - 1)
-        if surplus > 0:
-            cache.crop(-surplus)  # a negative count removes that many tokens in every transformers version we take
-        last = input_ids[:, -1].tolist()
-        suffix, suffix_mask = pad_rows([[t, *k] for t, k in zip(last, kept, strict=True)], pad_id(self.tokenizer),
-                                       left=True)
-        ids = torch.cat([input_ids[:, :-1], suffix.to(input_ids.device)], dim=1)
-        mask = torch.cat([attention_mask[:, :-1], suffix_mask.to(attention_mask.device)], dim=1)
-        longest = max_new_tokens - min(len(kept[i]) for i in open_rows)
-        with warnings.catch_warnings():  # transformers 5 renames it `cache`; 4.x knows only this name (we take <6)
-            warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
-            out = self.base.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=longest,
-                                     do_sample=False, num_beams=1, pad_token_id=pad_id(self.tokenizer))
-        new = out[:, ids.shape[1]:].tolist()
-        for i in open_rows:
-            kept[i] = kept[i] + new[i][:max_new_tokens - len(kept[i])]
-        return kept
 
     def _continue(self, prompts: list[list[int]], answers: list[list[int]], spans: list[int],
                   max_new_tokens: int) -> list[list[int]]:
