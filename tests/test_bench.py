@@ -285,6 +285,11 @@ def test_several_methods_run_on_one_stream_and_only_those_with_a_threshold_are_t
         assert len((tmp_path / "m" / name / "scores.jsonl").read_text().splitlines()) == 4
     report = (tmp_path / "m" / "report.md").read_text()
     assert all(f"| {name} |" in report for name in ("elder", "ft", "lora"))
+    table = report[report.index("| method | Rel | Gen | Loc | mean"):].split("\n\n")[0].splitlines()
+    assert len(table) == 6 and len({row.count("|") for row in table}) == 1  # header, rule, base model, 3 methods
+    for row in table[2:]:
+        rel, gen, loc, mean = (float(cell) for cell in row.split("|")[2:6])
+        assert abs(mean - (rel + gen + loc) / 3) <= 0.1
     # bytes each edit adds to the saved state: ft and lora grow by their edit log only, elder by its codes and keys
     costs = {name: summary["methods"][name]["cost"] for name in ("elder", "ft", "lora")}
     for name, cost in costs.items():

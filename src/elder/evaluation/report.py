@@ -15,6 +15,12 @@ from elder.files import atomic_write, write_text  # noqa: E402
 PLOTTED = (("rel", "Reliability"), ("gen", "Generalization"), ("loc", "Locality"))
 
 
+def _mean3(scores: dict) -> float | None:
+    """The mean of Rel, Gen and Loc (None when one is missing)."""
+    values = [scores.get(k) for k in ("rel", "gen", "loc")]
+    return None if None in values else sum(values) / 3
+
+
 def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
@@ -73,19 +79,20 @@ def markdown(summary: dict, out_folder: Path) -> str:
              "(EasyEdit's rewrite_acc/rephrase_acc); Loc: agreement with the base model's tokens on the locality "
              "prompts, all of them and split by kind: unrelated (another topic) and neighbours (the edit's question "
              "about another subject); EM: every target token right (= greedy generation equals the target).", "",
-             "| method | Rel | Gen | Loc | Loc unrelated | Loc neighbours | Rel EM | Gen EM | memory used: edits / rephrases / unrelated / neighbours | retention (edited/base) | s/edit median (p90) | bytes/edit | gen. time ratio: edits / unrelated |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | Rel | Gen | Loc | mean of Rel, Gen, Loc | Loc unrelated | Loc neighbours | Rel EM | Gen EM | memory used: edits / rephrases / unrelated / neighbours | retention (edited/base) | s/edit median (p90) | bytes/edit | gen. time ratio: edits / unrelated |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     first = next(iter(summary["methods"].values()))
     u = first["unedited"]  # the same base model and records for every method
     lines.append(f"| base model, no edits | {_pct(u['rel'])} | {_pct(u['gen'])} | {_pct(u['loc'])} | "
-                 f"{_pct(u.get('loc_unrelated'))} | {_pct(u.get('loc_neighbour'))} | "
+                 f"{_pct(_mean3(u))} | {_pct(u.get('loc_unrelated'))} | {_pct(u.get('loc_neighbour'))} | "
                  f"{_pct(u['rel_em'])} | {_pct(u['gen_em'])} | | | | | |")
     for name, r in summary["methods"].items():
         f, c, inf = r["final"], r["cost"], r.get("inference", {})
         retention = r.get("general", {}).get("average", {}).get("ratio")
         used = " / ".join(_pct(f.get(k)) for k in ("used_prompt", "used_rephrase", "used_unrelated", "used_neighbour"))
         lines.append(
-            f"| {name} | {_pct(f['rel'])} | {_pct(f['gen'])} | {_pct(f['loc'])} | {_pct(f.get('loc_unrelated'))} | "
+            f"| {name} | {_pct(f['rel'])} | {_pct(f['gen'])} | {_pct(f['loc'])} | {_pct(_mean3(f))} | "
+            f"{_pct(f.get('loc_unrelated'))} | "
             f"{_pct(f.get('loc_neighbour'))} | {_pct(f['rel_em'])} | {_pct(f['gen_em'])} | {used} | "
             f"{_ratio(retention)} | {c['seconds_per_edit_median']:.2f} ({c['seconds_per_edit_p90']:.2f}) | "
             f"{_bytes(c.get('bytes_per_edit'))} | {_ratio(inf.get('edit_prompts', {}).get('ratio'))} / {_ratio(inf.get('unrelated_prompts', {}).get('ratio'))} |")
