@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterator
 
 import torch
@@ -422,8 +422,8 @@ class ElderModel:
         try:
             while pending:
                 rows = torch.tensor(pending, device=route.used.device)
-                session.route = Route(*(None if f is None else f[rows] for f in (
-                    route.query, route.scores, route.weights, route.codes, route.used, route.distance, route.edits)))
+                session.route = Route(**{f.name: None if getattr(route, f.name) is None
+                                         else getattr(route, f.name)[rows] for f in fields(route)})
                 session.span, session.step, session.started = None, 0, False  # one forward: every position edited
                 guesses = [done[i] + session.drafts[i][len(done[i]):spans[i] - 1] for i in pending]
                 input_ids, attention_mask = pad_rows([prompts[i] + g for i, g in zip(pending, guesses)],
@@ -459,12 +459,12 @@ class ElderModel:
 
     def _kept(self, answers: list[list[int]], spans: list[int],
               max_new_tokens: int) -> tuple[list[list[int]], list[int]]:
-        """What each row keeps of its first answer (a row that used the memory: its answer span's tokens, the
-        target; one that deferred: all of them; up to an end token), and the rows still open."""
+        """What each row keeps of its checked answer span (a row that deferred has none), up to an end token, and
+        the rows still open."""
         stops = self._stop_ids()
         kept, open_rows = [], []
-        for i, (answer, span) in enumerate(zip(answers, spans, strict=True)):
-            tokens = answer[:span] if span else answer
+        for i, (tokens, span) in enumerate(zip(answers, spans, strict=True)):
+            tokens = tokens[:span]
             end = next((j for j, t in enumerate(tokens) if t in stops), None)
             kept.append(tokens if end is None else tokens[:end + 1])
             if end is None and len(kept[i]) < max_new_tokens:
