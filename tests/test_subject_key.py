@@ -14,7 +14,7 @@ from elder.methods.elder.codebank import CodeBank
 from elder.methods.elder.keys import key_reading
 from elder.settings import ConfigError
 from elder.subjects import guess_subject, subject_tokens
-from elder.tokens import prompt_batch
+from elder.tokens import prompt_batch, teacher_forced
 
 EDITS = [EditRecord("zq", "Where does Zorbulaq live? In", " Quem", subject="Zorbulaq"),
          EditRecord("mw", "The colour of Mirtavej is", " wox", subject="Mirtavej")]
@@ -140,7 +140,7 @@ def test_answer_span_target_stops_the_experts_once_the_target_is_generated(span)
     if span == "all":  # the experts on the prompt and on each of the 8 later forwards, one row each
         forwards = [(1, width)] + [(1, 1)] * 8
     else:  # one forward checks the learned target (its last token is read by the base model's continuation)
-        forwards = [(1, width + len(" Quem") - 1)]
+        forwards = [(1, width + len(" Quem"))]
     assert calls == [f for f in forwards for _ in model.adapters]
 
 
@@ -179,6 +179,44 @@ def test_after_the_target_the_base_model_goes_on_from_the_prompt_and_the_target_
     model.config = dataclasses.replace(model.config, answer_reread=False)  # the cached prompt states the experts
     (stale,) = model.generate(prompts[:1], max_new_tokens=12)               # changed pull the answer elsewhere
     assert stale.text.startswith(" Quem") and stale.text != edited.text
+
+
+def test_a_target_the_experts_do_not_give_is_answered_as_generation_gives_it_beside_checked_and_deferred_rows():
+    model = keyed()
+    apply_edits(model, EDITS, progress=False)
+    model.edit_log["mw"]["record"]["target"] = " wwwwwwrd"  # the stored target is no longer what the experts give
+    prompts = [EDITS[0].prompt, EDITS[1].prompt, "Where does Pennimore live? In"]
+    answers = model.generate(prompts, max_new_tokens=14)
+    assert [a.used_memory for a in answers] == [True, True, False]
+    # the reference: the span generated token by token with the experts, then the base model reading it afresh
+    input_ids, attention_mask = prompt_batch(model.tokenizer, prompts[1:2], None)
+    with model.routing(None, defer=True, key_rows=[input_ids[0].tolist()], answer=prompts[1:2]) as session:
+        model._plan(session)
+        span = session.span.item()
+        stepwise = model.base.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=span,
+                                       do_sample=False, pad_token_id=0)[0, input_ids.shape[1]:].tolist()
+    text = model.tokenizer.decode(stepwise)
+    assert span == len(" wwwwwwrd") and not text.startswith(" ww")
+    (plain,) = model.generate([prompts[1] + text], max_new_tokens=14 - span, use_memory=False)
+    assert answers[1].text == text + plain.text
+    (quem,) = model.generate([prompts[0] + " Quem"], max_new_tokens=14 - len(" Quem"), use_memory=False)
+    assert answers[0].text == " Quem" + quem.text
+    assert answers[2].text == model.generate(prompts[2:], 14, use_memory=False)[0].text
+
+
+@pytest.mark.parametrize("positions", ["all", "answer"])
+def test_the_check_reads_the_targets_as_teacher_forced_scoring_does(positions, monkeypatch):
+    import elder.methods.elder.model as module
+
+    model = keyed(expert_positions=positions)
+    apply_edits(model, EDITS, progress=False)
+    seen, real = [], module.head_logits
+    monkeypatch.setattr(module, "head_logits", lambda *args: seen.append(real(*args)) or seen[-1])
+    prompts = [e.prompt for e in EDITS]  # of other lengths: the shorter is padded on the left
+    model.generate(prompts, max_new_tokens=8)
+    batch = teacher_forced(model.tokenizer, prompts, [e.target for e in EDITS], None, 32)
+    scored, _ = model.target_logits(batch, defer=True)
+    assert torch.allclose(seen[0], scored, atol=1e-4)  # the same positions, the same experts, the same route
 
 
 def test_answer_positions_leave_every_prompt_state_before_the_last_token_as_the_base_models():

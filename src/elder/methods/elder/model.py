@@ -389,6 +389,7 @@ class ElderModel:
             return [Answer(p, t, False, float("inf")) for p, t in zip(prompts, texts)]
         rows = None if self.key_path is None else [
             ids[mask.bool()].tolist() for ids, mask in zip(input_ids.cpu(), attention_mask.cpu())]
+        answers = None
         with self.routing(None, defer=True, key_rows=rows, answer=prompts) as session:
             if self.key_path is None or not self.config.rereads_answer:
                 answers = self.base.generate(**kwargs)[:, width:].tolist()
@@ -396,16 +397,81 @@ class ElderModel:
                 self._plan(session)  # the key route needs no forward: each row's answer span is known first
                 spans = [min(s, max_new_tokens) if u else 0
                          for s, u in zip(session.span.tolist(), session.route.used.tolist())]
-                answers = self._speculate(session, rows, spans) if max(spans) > 0 else None
-        if answers is None:  # every row defers: the base model's own generation, with no hook at work
+        if answers is None and max(spans) > 0:  # the targets, checked; the base model goes on after them
+            answers = self._generate_checked(rows, session.route, session.drafts, spans, max_new_tokens)
+        elif answers is None:  # every row defers: the base model's own generation, with no hook at work
             answers = self.base.generate(**kwargs)[:, width:].tolist()
-        elif self.key_path is not None and self.config.rereads_answer:
-            answers = self._continue(rows, answers, spans, max_new_tokens)
         used, distance = session.route.used.tolist(), session.route.distance.tolist()
         rows = session.route.edits.tolist() if session.route.edits is not None else [-1] * len(prompts)
         edit_ids = [self.bank.ids[r] if u and r >= 0 else None for u, r in zip(used, rows)]
         texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
         return [Answer(p, t, u, d, e) for p, t, u, d, e in zip(prompts, texts, used, distance, edit_ids)]
+
+    @torch.no_grad()
+    def _generate_checked(self, prompts: list[list[int]], route: Route, drafts: list[list[int]], spans: list[int],
+                          max_new_tokens: int) -> list[list[int]]:
+        """Answers under answer_reread, in one generation: the base model reads each prompt followed by its matched
+        edit's target (`spans[i]` tokens of `drafts[i]`; none for a row that defers) and goes on from there, while
+        the prefill's output below the adapted band is kept; the experts then run over the band and above on that
+        output, once, to check that the edited model's greedy answer is the target (the targets are known before
+        any forward: teacher forcing gives the greedy token at every target position, each right as long as the
+        target tokens before it are). A row whose answer leaves its target is redone token by token of the check
+        (`_speculate`) and continued by the base model from what it gave (`_continue`). The answers equal
+        generating the span with the experts and then reading prompt and span afresh with the base model."""
+        kept = [draft[:span] for draft, span in zip(drafts, spans, strict=True)]
+        input_ids, attention_mask = pad_rows([p + k for p, k in zip(prompts, kept)], pad_id(self.tokenizer), left=True)
+        input_ids, attention_mask = input_ids.to(self.input_device), attention_mask.to(self.input_device)
+        width, count = input_ids.shape[1], self.targets.prefix_length
+        prefill = {}  # the generation's first forward: its position ids and the output below the band
+
+        def read_positions(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            prefill.setdefault("position_ids", kwargs.get("position_ids"))
+
+        def read_below(module: nn.Module, args: tuple, output: object) -> None:
+            prefill.setdefault("below", output)
+
+        handles = [self.base.base_model.register_forward_pre_hook(read_positions, with_kwargs=True)]
+        if count:
+            handles.append(get_module(self.base, f"{self.targets.layers_path}.{count - 1}").register_forward_hook(
+                read_below))
+        try:
+            out = self.base.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, num_beams=1,
+                                     max_new_tokens=max(1, max_new_tokens - min(len(k) for k in kept)),
+                                     pad_token_id=pad_id(self.tokenizer))
+        finally:
+            for handle in handles:
+                handle.remove()
+        going_on = out[:, width:].tolist()
+        checked = [i for i, span in enumerate(spans) if span > 0]
+        cols = [[width - 1 - spans[i] + j for j in range(spans[i])] for i in checked]  # the left-padded target
+        with self.routing(None, defer=True) as session, (
+                replaying(self.base, self.targets.layers_path, count, prefill["below"]) if count else nullcontext()):
+            session.route = route
+            session.positions = torch.tensor([width - 1 - span for span in spans])  # each row's last prompt token
+            hidden = self.base.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                          position_ids=prefill["position_ids"], use_cache=False).last_hidden_state
+        flat_rows = torch.tensor([i for i, c in zip(checked, cols) for _ in c])
+        predicted = head_logits(self.base, hidden, flat_rows, torch.tensor([x for c in cols for x in c]))
+        predicted = predicted.argmax(-1).tolist()
+        left, offset = [], 0
+        for i, c in zip(checked, cols):
+            if predicted[offset:offset + len(c)] != kept[i]:
+                left.append(i)
+            offset += len(c)
+        stops = self._stop_ids()
+        answers = []
+        for k, more in zip(kept, going_on):
+            end = next((j for j, t in enumerate(k) if t in stops), None)
+            answers.append(k[:end + 1] if end is not None else (k + more)[:max_new_tokens])
+        if left:
+            rows = torch.tensor(left, device=route.used.device)
+            with self.routing(None, defer=True) as session:
+                session.route, session.drafts = _route_rows(route, rows), [drafts[i] for i in left]
+                done = self._speculate(session, [prompts[i] for i in left], [spans[i] for i in left])
+            redone = self._continue([prompts[i] for i in left], done, [spans[i] for i in left], max_new_tokens)
+            for i, answer in zip(left, redone, strict=True):
+                answers[i] = answer
+        return answers
 
     def _speculate(self, session: _Session, prompts: list[list[int]], spans: list[int]) -> list[list[int]]:
         """Each row's greedy answer over its answer span (the first `spans[i]` tokens, the experts at work), found
@@ -422,8 +488,7 @@ class ElderModel:
         try:
             while pending:
                 rows = torch.tensor(pending, device=route.used.device)
-                session.route = Route(**{f.name: None if getattr(route, f.name) is None
-                                         else getattr(route, f.name)[rows] for f in fields(route)})
+                session.route = _route_rows(route, rows)
                 session.span, session.step, session.started = None, 0, False  # one forward: every position edited
                 guesses = [done[i] + session.drafts[i][len(done[i]):spans[i] - 1] for i in pending]
                 input_ids, attention_mask = pad_rows([prompts[i] + g for i, g in zip(pending, guesses)],
@@ -579,3 +644,9 @@ def _prompt_rows(batch: TeacherForced) -> list[list[int]]:
     """The prompt token ids of teacher-forced rows: a key is matched on the prompt, never on the target."""
     ids, ends = batch.input_ids.cpu(), batch.query_positions.cpu().tolist()
     return [ids[i, : end + 1].tolist() for i, end in enumerate(ends)]
+
+
+def _route_rows(route: Route, rows: torch.Tensor) -> Route:
+    """The route of some rows of a batch (the batch's rows `rows`, in that order)."""
+    return Route(**{f.name: None if getattr(route, f.name) is None else getattr(route, f.name)[rows]
+                    for f in fields(route)})
