@@ -219,6 +219,19 @@ def test_the_check_reads_the_targets_as_teacher_forced_scoring_does(positions, m
     assert torch.allclose(seen[0], scored, atol=1e-4)  # the same positions, the same experts, the same route
 
 
+def test_a_bf16_base_answers_through_the_check_as_a_float32_one():
+    config = small_config(deferral="subject_key", key_layer=1, key_threshold=0.9, lr=2e-2)
+    model = ElderModel(tiny_llama().to(torch.bfloat16), byte_tokenizer(), config, "tiny")
+    apply_edits(model, EDITS, progress=False)
+    prompts = [EDITS[0].prompt, EDITS[1].prompt, "Where does Pennimore live? In"]
+    answers = model.generate(prompts, max_new_tokens=10)
+    assert [a.used_memory for a in answers] == [True, True, False]
+    assert answers[0].text.startswith(" Quem") and answers[1].text.startswith(" wox")
+    (plain,) = model.generate([prompts[0] + " Quem"], max_new_tokens=10 - len(" Quem"), use_memory=False)
+    assert answers[0].text == " Quem" + plain.text
+    assert answers[2].text == model.generate(prompts[2:], 10, use_memory=False)[0].text
+
+
 def test_answer_positions_leave_every_prompt_state_before_the_last_token_as_the_base_models():
     model = keyed(expert_positions="answer")
     apply_edits(model, EDITS, progress=False)
