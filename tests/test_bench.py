@@ -404,3 +404,38 @@ def test_the_report_shows_each_method_as_it_finishes_and_elder_report_writes_it_
                            (out, "summary.json is damaged")):
         refused = CliRunner().invoke(app, ["report", str(folder)])
         assert refused.exit_code != 0 and reason in refused.output, refused.output
+
+
+def test_elder_report_join_makes_one_report_of_runs_of_one_stream(bench_setup, tmp_path):
+    model, data = bench_setup
+    quick = {"lr": 1e-2, "steps": 100, "stop_loss": 1e-3}
+    for name in ("ft", "lora"):  # the same stream, one method each: two sessions' runs
+        run_bench(settings_for(model, data, edits=2, methods=(name,), method_settings={name: quick}),
+                  tmp_path / name, progress=False, echo=lambda s: None)
+    out = tmp_path / "joined"
+    result = CliRunner().invoke(app, ["report", str(out), "--join", str(tmp_path / "ft"),
+                                      "--join", str(tmp_path / "lora")])
+    assert result.exit_code == 0, result.output
+    joined = (out / "report.md").read_text()
+    for name in ("ft", "lora"):
+        row = next(line for line in joined.splitlines() if line.startswith(f"| {name} |"))
+        alone = (tmp_path / name / "report.md").read_text()
+        assert row in alone.splitlines()  # the method's row as its own run reported it
+        assert not (out / name / "memory").exists() and (out / name / "scores.jsonl").is_file()
+    assert json.loads((out / "settings.json").read_text())["methods"] == ["ft", "lora"]
+    with pytest.raises(RunError, match="cannot be run"):  # a joined folder holds no memory to resume from
+        run_bench(settings_for(model, data, edits=2, methods=("ft", "lora"),
+                               method_settings={"ft": quick, "lora": quick}), out, progress=False, echo=lambda s: None)
+    run_bench(settings_for(model, data, edits=3, methods=("ft",), method_settings={"ft": quick}),
+              tmp_path / "longer", progress=False, echo=lambda s: None)
+    for joins, reason in (([tmp_path / "ft", tmp_path / "longer"], "ran another stream than"),
+                          ([tmp_path / "ft", tmp_path / "ft"], "finished in both"),
+                          ([tmp_path / "nothing"], "holds no readable run")):
+        args = ["report", str(tmp_path / "other")] + [a for j in joins for a in ("--join", str(j))]
+        refused = CliRunner().invoke(app, args)
+        assert refused.exit_code != 0 and reason in refused.output, refused.output
+        assert not (tmp_path / "other").exists() and not list(tmp_path.glob(".other-*"))
+    refused = CliRunner().invoke(app, ["report", str(out), "--join", str(tmp_path / "ft")])
+    assert refused.exit_code != 0 and "not an empty folder" in refused.output
+    assert (out / "report.md").read_text() == joined  # nothing already written is touched
+

@@ -321,12 +321,16 @@ def bench(
 
 @app.command()
 def report(
-    out: Annotated[Path, typer.Argument(help="run folder of `elder bench`")],
+    out: Annotated[Path, typer.Argument(help="run folder of `elder bench` (with --join: a new folder)")],
+    join: Annotated[Optional[list[Path]], typer.Option(
+        help="a run folder of the same stream whose finished methods join the report (repeat it); OUT is made "
+             "as one run of them all")] = None,
 ) -> None:
-    """Write a run's report from the methods that have finished (while later ones still run, or after a stop)."""
-    from elder.evaluation.harness import report_run
+    """Write a run's report from the methods that have finished (while later ones still run, or after a stop), or
+    with --join one report of several runs of the same stream."""
+    from elder.evaluation.harness import join_runs, report_run
 
     try:
-        typer.echo(f"report: {report_run(out)}")
+        typer.echo(f"report: {join_runs(out, join) if join else report_run(out)}")
     except ElderError as error:
         _fail(error)

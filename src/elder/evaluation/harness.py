@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -46,6 +47,7 @@ from elder.methods import EditingMethod, TunesThreshold, get_method
 
 PROTOCOLS = ("final", "immediate", "curve")
 RUN_FORMAT = "elder-bench-run"
+JOINED_FILE = "joined.json"  # in a folder made by join_runs: the run each method came from
 
 
 class RunError(ElderError, ValueError):
@@ -130,11 +132,7 @@ def report_run(out: str | os.PathLike) -> Path:
     """Write the report of a run folder from the methods that have finished, also while later ones still run or
     after the run was stopped; returns the report's path."""
     out = Path(out)
-    try:
-        saved = json.loads((out / "settings.json").read_text())
-        settings = BenchSettings(**{**saved, "methods": tuple(saved["methods"])})
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise RunError(f"{out} holds no readable run (settings.json: {err})") from None
+    settings = _read_settings(out)
     results = {}
     for name in settings.methods:
         path = out / name / "summary.json"
@@ -149,6 +147,61 @@ def report_run(out: str | os.PathLike) -> Path:
     machine = next((r["machine"] for r in results.values() if "machine" in r), None)
     _write_summary(out, settings, test, machine or machine_facts(), results)  # runs before 'machine' was kept
     return out / "report.md"
+
+
+def join_runs(out: str | os.PathLike, sources: Sequence[str | os.PathLike]) -> Path:
+    """A new report folder `out` holding the finished methods of several runs of one stream (the same settings
+    but for their methods), as one run: one report, one table and one plot for methods run in different folders,
+    sessions or machines. Each method's folder is copied without its saved memory, so `out` can be reported on
+    but not resumed (`joined.json` names the sources). Returns the report's path."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RunError(f"{out} already exists and is not an empty folder; join the runs into a new one")
+    if not sources:
+        raise RunError("name at least one run folder to join")
+    runs = [(Path(source), _read_settings(Path(source))) for source in sources]
+    stream = lambda s: {k: v for k, v in s.to_dict().items() if k not in ("methods", "method_settings")}  # noqa: E731
+    first, methods, method_settings, origin = stream(runs[0][1]), [], {}, {}
+    for folder, settings in runs:
+        if stream(settings) != first:
+            changed = sorted(k for k in first if stream(settings)[k] != first[k])
+            raise RunError(f"{folder} ran another stream than {runs[0][0]} ({', '.join(changed)} differ)")
+        for name in settings.methods:
+            if not (folder / name / "summary.json").is_file():
+                continue  # not finished there
+            if name in origin:
+                raise RunError(f"{name} finished in both {origin[name]} and {folder}; join only one of them")
+            methods.append(name)
+            origin[name] = folder
+            if name in settings.method_settings:
+                method_settings[name] = settings.method_settings[name]
+    if not methods:
+        raise RunError(f"no method has finished in {', '.join(str(f) for f, _ in runs)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        shutil.copytree(runs[0][0] / "base", staging / "base")
+        for name in methods:
+            shutil.copytree(origin[name] / name, staging / name, ignore=shutil.ignore_patterns("memory"))
+        settings = BenchSettings(**{**first, "methods": tuple(methods), "method_settings": method_settings})
+        files.write_json(staging / "settings.json", settings.to_dict())
+        files.write_json(staging / JOINED_FILE, {"methods": {name: str(origin[name]) for name in methods}})
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return report_run(out)
+
+
+def _read_settings(out: Path) -> BenchSettings:
+    """The settings of the run in `out`."""
+    try:
+        saved = json.loads((out / "settings.json").read_text())
+        return BenchSettings(**{**saved, "methods": tuple(saved["methods"])})
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise RunError(f"{out} holds no readable run (settings.json: {err})") from None
 
 
 def _write_summary(out: Path, settings: BenchSettings, test, machine: dict, results: dict) -> dict:
@@ -167,6 +220,9 @@ def _claim_folder(out: Path, settings: BenchSettings) -> None:
     """Claim a new run folder, or resume the run in it: the same settings, or the same with methods added after
     the ones it holds (their settings given or not; the methods already run keep theirs), which then join it."""
     path = out / "settings.json"
+    if (out / JOINED_FILE).exists():
+        raise RunError(f"{out} joins finished runs for their report and cannot be run; resume the runs it names in "
+                       f"{JOINED_FILE}")
     if path.exists():
         saved, wanted = json.loads(path.read_text()), settings.to_dict()
         held = saved.get("methods", [])
