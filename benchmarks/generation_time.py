@@ -5,8 +5,9 @@
         --config '{}' --config '{"expert_positions": "answer"}'
 
 Each --config (a JSON object of settings on top of `fast`) trains the same first T edits on a fresh memory, then
-times answers of `--tokens` tokens to 16 edit prompts (the memory used) and 16 unrelated prompts (deferred),
-alternating edited and base runs (benchmarks/speed.py's `time_generation`), and prints edited/base per config.
+times answers of `--tokens` tokens to 16 edit prompts (the memory used), 16 unrelated prompts (deferred) and a
+mixed batch of 8 of each (as a service meets them), alternating edited and base runs (benchmarks/speed.py's
+`time_generation`), and prints edited/base per config.
 """
 
 from __future__ import annotations
@@ -37,15 +38,18 @@ def main() -> None:
     unrelated = [p.prompt for r in records for p in r.locality][:16]
     print(json.dumps(machine_facts(base)))
     print(f"{len(records)} edits, {args.tokens} new tokens, {args.repeats} timed runs of each kind")
-    print("| settings over `fast` | edit prompts: edited/base (memory used) | unrelated: edited/base (memory used) |")
-    print("|---|---|---|")
+    print("| settings over `fast` | edit prompts: edited/base (memory used) | unrelated: edited/base (memory used) | "
+          "mixed: edited/base (memory used) |")
+    print("|---|---|---|---|")
     for text in args.config:
         model = ElderModel(base, tokenizer, ElderConfig.preset("fast", **json.loads(text)), name)
         apply_edits(model, records, progress=False)
         on = time_generation(model, edited, args.repeats, args.tokens)
         off = time_generation(model, unrelated, args.repeats, args.tokens)
-        print(f"| `{text}` | {on['ratio']:.2f} ({on['memory_used']:.2f}) | {off['ratio']:.2f} "
-              f"({off['memory_used']:.2f}) |", flush=True)
+        mixed = time_generation(model, [p for pair in zip(edited[:8], unrelated[:8]) for p in pair], args.repeats,
+                                args.tokens)
+        print(f"| `{text}` | " + " | ".join(f"{t['ratio']:.2f} ({t['memory_used']:.2f})" for t in (on, off, mixed))
+              + " |", flush=True)
         base = model.detach()
 
 

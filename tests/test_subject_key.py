@@ -210,10 +210,18 @@ def test_the_check_reads_the_targets_as_teacher_forced_scoring_does(positions, m
 
     model = keyed(expert_positions=positions)
     apply_edits(model, EDITS, progress=False)
-    seen, real = [], module.head_logits
-    monkeypatch.setattr(module, "head_logits", lambda *args: seen.append(real(*args)) or seen[-1])
+    seen, checked_rows, real = [], [], module.head_logits
+
+    def head(base, hidden, rows, cols):
+        checked_rows.append(hidden.shape[0])
+        seen.append(real(base, hidden, rows, cols))
+        return seen[-1]
+
+    monkeypatch.setattr(module, "head_logits", head)
     prompts = [e.prompt for e in EDITS]  # of other lengths: the shorter is padded on the left
-    model.generate(prompts, max_new_tokens=8)
+    answers = model.generate([prompts[0], "Where does Pennimore live? In", prompts[1]], max_new_tokens=8)
+    assert [a.used_memory for a in answers] == [True, False, True]
+    assert checked_rows[0] == 2  # the deferred row is left out of the experts' check
     batch = teacher_forced(model.tokenizer, prompts, [e.target for e in EDITS], None, 32)
     scored, _ = model.target_logits(batch, defer=True)
     assert torch.allclose(seen[0], scored, atol=1e-4)  # the same positions, the same experts, the same route

@@ -442,15 +442,17 @@ class ElderModel:
             for handle in handles:
                 handle.remove()
         going_on = out[:, width:].tolist()
-        checked = [i for i, span in enumerate(spans) if span > 0]
+        checked = [i for i, span in enumerate(spans) if span > 0]  # a deferred row needs no check: it is left out
         cols = [[width - 1 - spans[i] + j for j in range(spans[i])] for i in checked]  # the left-padded target
+        pick = torch.tensor(checked, device=input_ids.device)
+        below, positions = _batch_rows(prefill.get("below"), pick), _batch_rows(prefill["position_ids"], pick)
         with self.routing(None, defer=True) as session, (
-                replaying(self.base, self.targets.layers_path, count, prefill["below"]) if count else nullcontext()):
-            session.route = route
-            session.positions = torch.tensor([width - 1 - span for span in spans])  # each row's last prompt token
-            hidden = self.base.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                          position_ids=prefill["position_ids"], use_cache=False).last_hidden_state
-        flat_rows = torch.tensor([i for i, c in zip(checked, cols) for _ in c])
+                replaying(self.base, self.targets.layers_path, count, below) if count else nullcontext()):
+            session.route = _route_rows(route, pick.to(route.used.device))
+            session.positions = torch.tensor([width - 1 - spans[i] for i in checked])  # the last prompt tokens
+            hidden = self.base.base_model(input_ids=input_ids[pick], attention_mask=attention_mask[pick],
+                                          position_ids=positions, use_cache=False).last_hidden_state
+        flat_rows = torch.tensor([r for r, c in enumerate(cols) for _ in c])
         predicted = head_logits(self.base, hidden, flat_rows, torch.tensor([x for c in cols for x in c]))
         predicted = predicted.argmax(-1).tolist()
         left, offset = [], 0
@@ -644,6 +646,16 @@ def _prompt_rows(batch: TeacherForced) -> list[list[int]]:
     """The prompt token ids of teacher-forced rows: a key is matched on the prompt, never on the target."""
     ids, ends = batch.input_ids.cpu(), batch.query_positions.cpu().tolist()
     return [ids[i, : end + 1].tolist() for i, end in enumerate(ends)]
+
+
+def _batch_rows(value: object, rows: torch.Tensor) -> object:
+    """Rows `rows` of a batch-first tensor, or of the first tensor of a decoder layer's output tuple (None, and a
+    tensor of one row shared by the batch, as they are)."""
+    if isinstance(value, tuple):
+        return (_batch_rows(value[0], rows), *value[1:])
+    if value is None or value.shape[0] == 1:
+        return value
+    return value[rows.to(value.device)]
 
 
 def _route_rows(route: Route, rows: torch.Tensor) -> Route:
