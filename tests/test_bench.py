@@ -298,6 +298,7 @@ def test_several_methods_run_on_one_stream_and_only_those_with_a_threshold_are_t
         assert 0 < cost["bytes_per_edit"] < cost["state_bytes"]
     assert costs["elder"]["bytes_per_edit"] > costs["ft"]["bytes_per_edit"]
     assert "bytes/edit" in report and "added per edit" in report
+    assert (tmp_path / "m" / "methods.png").read_bytes().startswith(b"\x89PNG") and "(methods.png)" in report
 
 
 def test_a_run_grows_by_methods_added_after_the_ones_it_holds(bench_setup, tmp_path, monkeypatch):

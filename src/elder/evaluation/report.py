@@ -96,6 +96,8 @@ def markdown(summary: dict, out_folder: Path) -> str:
             f"{_pct(f.get('loc_neighbour'))} | {_pct(f['rel_em'])} | {_pct(f['gen_em'])} | {used} | "
             f"{_ratio(retention)} | {c['seconds_per_edit_median']:.2f} ({c['seconds_per_edit_p90']:.2f}) | "
             f"{_bytes(c.get('bytes_per_edit'))} | {_ratio(inf.get('edit_prompts', {}).get('ratio'))} / {_ratio(inf.get('unrelated_prompts', {}).get('ratio'))} |")
+    lines += ["", "Every method's final Rel, Gen and Loc by when the edit was made (forgetting): "
+              "[methods.png](methods.png)."]
     split = [(name, r["final"]) for name, r in summary["methods"].items()
              if r["final"].get("loc_neighbour_named") is not None]
     if split:
@@ -154,21 +156,46 @@ def markdown(summary: dict, out_folder: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _scores(folder: Path) -> list[dict]:
+    """A method's per-edit final scores, in stream order."""
+    return [json.loads(t) for t in (folder / "scores.jsonl").read_text().splitlines() if t.strip()]
+
+
+def _binned(scores: list[dict], key: str, bins: int) -> tuple[list[float], list[float]]:
+    """(middle position, mean in %) of `key` over `bins` consecutive stretches of the stream."""
+    xs, ys = [], []
+    width = max(1, len(scores) // bins)
+    for start in range(0, len(scores), width):
+        values = [s[key] for s in scores[start:start + width] if s[key] is not None]
+        if values:
+            xs.append(start + len(scores[start:start + width]) / 2)
+            ys.append(100 * sum(values) / len(values))
+    return xs, ys
+
+
+def plot_methods(out: Path, names: list[str], bins: int = 20) -> Path | None:
+    """One PNG of every method's final Rel, Gen and Loc by when the edit was made, side by side."""
+    scores = {name: _scores(out / name) for name in names}
+    if not any(scores.values()):
+        return None
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(5 * len(PLOTTED), 4), sharey=True)
+    for ax, (key, label) in zip(axes, PLOTTED, strict=True):
+        for name, rows in scores.items():
+            ax.plot(*_binned(rows, key, bins), marker="o", markersize=3, label=name)
+        ax.set(xlabel="edit position in the stream (earliest first)", title=label, ylim=(0, 102))
+    axes[0].set_ylabel("% after all edits")
+    axes[-1].legend(fontsize="small")
+    return _save(fig, out / "methods.png")
+
+
 def plot_method(folder: Path, name: str, curve: list[dict] | None, bins: int = 20) -> list[Path]:
     """PNG plots of one method's metrics against the number of edits."""
     written = []
-    scores = [json.loads(t) for t in (folder / "scores.jsonl").read_text().splitlines() if t.strip()]
+    scores = _scores(folder)
     if scores:
         fig, ax = plt.subplots(figsize=(7, 4))
-        width = max(1, len(scores) // bins)
         for key, label in PLOTTED:
-            xs, ys = [], []
-            for start in range(0, len(scores), width):
-                values = [s[key] for s in scores[start:start + width] if s[key] is not None]
-                if values:
-                    xs.append(start + len(scores[start:start + width]) / 2)
-                    ys.append(100 * sum(values) / len(values))
-            ax.plot(xs, ys, marker="o", label=label)
+            ax.plot(*_binned(scores, key, bins), marker="o", label=label)
         ax.set(xlabel="edit position in the stream (earliest first)", ylabel="% after all edits", ylim=(0, 102),
                title=f"{name}: final scores by when the edit was made")
         ax.legend()
@@ -196,4 +223,5 @@ def write_report(out: Path, summary: dict) -> Path:
     """Write report.md and every method's plots into the run folder."""
     for name, result in summary["methods"].items():
         plot_method(out / name, name, result.get("curve"))
+    plot_methods(out, list(summary["methods"]))
     return write_text(out / "report.md", markdown(summary, out))
