@@ -439,4 +439,3 @@ def test_elder_report_join_makes_one_report_of_runs_of_one_stream(bench_setup, t
     refused = CliRunner().invoke(app, ["report", str(out), "--join", str(tmp_path / "ft")])
     assert refused.exit_code != 0 and "not an empty folder" in refused.output
     assert (out / "report.md").read_text() == joined  # nothing already written is touched
-
