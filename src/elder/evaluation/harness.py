@@ -160,11 +160,10 @@ def join_runs(out: str | os.PathLike, sources: Sequence[str | os.PathLike]) -> P
     if not sources:
         raise RunError("name at least one run folder to join")
     runs = [(Path(source), _read_settings(Path(source))) for source in sources]
-    stream = lambda s: {k: v for k, v in s.to_dict().items() if k not in ("methods", "method_settings")}  # noqa: E731
-    first, methods, method_settings, origin = stream(runs[0][1]), [], {}, {}
+    first, methods, method_settings, origin = _stream(runs[0][1].to_dict()), [], {}, {}
     for folder, settings in runs:
-        if stream(settings) != first:
-            changed = sorted(k for k in first if stream(settings)[k] != first[k])
+        if _stream(settings.to_dict()) != first:
+            changed = sorted(k for k in first if _stream(settings.to_dict())[k] != first[k])
             raise RunError(f"{folder} ran another stream than {runs[0][0]} ({', '.join(changed)} differ)")
         for name in settings.methods:
             if not (folder / name / "summary.json").is_file():
@@ -193,6 +192,12 @@ def join_runs(out: str | os.PathLike, sources: Sequence[str | os.PathLike]) -> P
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return report_run(out)
+
+
+def _stream(settings: dict) -> dict:
+    """A run's settings (`BenchSettings.to_dict()`) less its methods and their settings: what decides its stream,
+    base scores and scoring, which runs that grow or join must share."""
+    return {k: v for k, v in settings.items() if k not in ("methods", "method_settings")}
 
 
 def _read_settings(out: Path) -> BenchSettings:
@@ -228,8 +233,7 @@ def _claim_folder(out: Path, settings: BenchSettings) -> None:
         held = saved.get("methods", [])
         grows = wanted["methods"][:len(held)] == held and len(wanted["methods"]) > len(held) and \
             {k: v for k, v in wanted["method_settings"].items() if k in held} == saved.get("method_settings")
-        same = {k: v for k, v in saved.items() if k not in ("methods", "method_settings")} == \
-            {k: v for k, v in wanted.items() if k not in ("methods", "method_settings")}
+        same = _stream(saved) == _stream(wanted)
         if saved != wanted and not (grows and same):
             changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
             raise RunError(f"{out} holds a run with other settings ({', '.join(changed)} differ); resume it with "

@@ -173,9 +173,9 @@ def _binned(scores: list[dict], key: str, bins: int) -> tuple[list[float], list[
     return xs, ys
 
 
-def plot_methods(out: Path, names: list[str], bins: int = 20) -> Path | None:
-    """One PNG of every method's final Rel, Gen and Loc by when the edit was made, side by side."""
-    scores = {name: _scores(out / name) for name in names}
+def plot_methods(out: Path, scores: dict[str, list[dict]], bins: int = 20) -> Path | None:
+    """One PNG of every method's final Rel, Gen and Loc (`scores`: per method, its per-edit final scores) by when
+    the edit was made, side by side."""
     if not any(scores.values()):
         return None
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(5 * len(PLOTTED), 4), sharey=True)
@@ -188,10 +188,9 @@ def plot_methods(out: Path, names: list[str], bins: int = 20) -> Path | None:
     return _save(fig, out / "methods.png")
 
 
-def plot_method(folder: Path, name: str, curve: list[dict] | None, bins: int = 20) -> list[Path]:
-    """PNG plots of one method's metrics against the number of edits."""
+def plot_method(folder: Path, name: str, scores: list[dict], curve: list[dict] | None, bins: int = 20) -> list[Path]:
+    """PNG plots of one method's metrics (`scores`: its per-edit final scores) against the number of edits."""
     written = []
-    scores = _scores(folder)
     if scores:
         fig, ax = plt.subplots(figsize=(7, 4))
         for key, label in PLOTTED:
@@ -221,7 +220,8 @@ def _save(fig, path: Path) -> Path:
 
 def write_report(out: Path, summary: dict) -> Path:
     """Write report.md and every method's plots into the run folder."""
+    scores = {name: _scores(out / name) for name in summary["methods"]}  # each method's lines, read once
     for name, result in summary["methods"].items():
-        plot_method(out / name, name, result.get("curve"))
-    plot_methods(out, list(summary["methods"]))
+        plot_method(out / name, name, scores[name], result.get("curve"))
+    plot_methods(out, scores)
     return write_text(out / "report.md", markdown(summary, out))
