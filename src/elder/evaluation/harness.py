@@ -162,8 +162,9 @@ def join_runs(out: str | os.PathLike, sources: Sequence[str | os.PathLike]) -> P
     runs = [(Path(source), _read_settings(Path(source))) for source in sources]
     first, methods, method_settings, origin = _stream(runs[0][1].to_dict()), [], {}, {}
     for folder, settings in runs:
-        if _stream(settings.to_dict()) != first:
-            changed = sorted(k for k in first if _stream(settings.to_dict())[k] != first[k])
+        stream = _stream(settings.to_dict())
+        if stream != first:
+            changed = sorted(k for k in first if stream[k] != first[k])
             raise RunError(f"{folder} ran another stream than {runs[0][0]} ({', '.join(changed)} differ)")
         for name in settings.methods:
             if not (folder / name / "summary.json").is_file():

@@ -44,10 +44,9 @@ def _mean_of(rows: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _by_position(folder: Path, parts: int = 5) -> list[str]:
-    """Final scores of the edits by when they were made, in equal parts of the stream: forgetting at a glance."""
-    path = folder / "scores.jsonl"
-    scores = [json.loads(t) for t in path.read_text().splitlines() if t.strip()] if path.exists() else []
+def _by_position(scores: list[dict], parts: int = 5) -> list[str]:
+    """Final scores of the edits (`scores`: per edit, in stream order) by when they were made, in equal parts of the
+    stream: forgetting at a glance."""
     if len(scores) < parts:
         return []
     lines = ["", "Final scores by position in the stream (earliest edits first):", "",
@@ -61,8 +60,9 @@ def _by_position(folder: Path, parts: int = 5) -> list[str]:
     return lines
 
 
-def markdown(summary: dict, out_folder: Path) -> str:
-    """The report: headline table, deferral, cost, inference time, retention and, where run, the curve."""
+def markdown(summary: dict, scores: dict[str, list[dict]]) -> str:
+    """The report: headline table, deferral, cost, inference time, retention and, where run, the curve (`scores`: per
+    method, its per-edit final scores)."""
     s = summary["settings"]
     test = summary["test"]
     variant = (f"the edit prompt and the first {s['train_rephrases']:g} of its rephrases" if s["train_rephrases"]
@@ -141,7 +141,7 @@ def markdown(summary: dict, out_folder: Path) -> str:
             t = r["tuning"]
             lines.append(f"Tuned {t['setting']} = {t['chosen'][t['setting']]:g} on {t['validation_edits']} "
                          f"validation edits ({t['objective']}).")
-        lines += _by_position(out_folder / name)
+        lines += _by_position(scores[name])
         if "general" in r:
             lines += ["", "| task | metric | base | edited | edited/base |", "|---|---|---|---|---|"]
             for task, row in r["general"]["tasks"].items():
@@ -224,4 +224,4 @@ def write_report(out: Path, summary: dict) -> Path:
     for name, result in summary["methods"].items():
         plot_method(out / name, name, scores[name], result.get("curve"))
     plot_methods(out, scores)
-    return write_text(out / "report.md", markdown(summary, out))
+    return write_text(out / "report.md", markdown(summary, scores))
